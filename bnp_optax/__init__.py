@@ -1,0 +1,40 @@
+"""bnp_optax: Batch Normalization Preconditioning for JAX and Optax.
+
+The optax side (this module) never imports Flax; ``bnp_optax.linen`` holds the
+Flax integration and is imported on first use.
+"""
+
+import importlib
+
+from bnp_optax._src.alias import bnp
+from bnp_optax._src.layers import describe_coverage
+from bnp_optax._src.layers import LayerSpec
+from bnp_optax._src.statistics import input_statistics
+from bnp_optax._src.statistics import LayerStats
+from bnp_optax._src.statistics import merge_statistics
+from bnp_optax._src.transform import RunningStats
+from bnp_optax._src.transform import scale_by_bnp
+from bnp_optax._src.transform import ScaleByBNPState
+
+__version__ = '0.1.0'
+
+_LAZY_SUBMODULES = ('linen',)
+
+
+def __getattr__(name):
+  if name in _LAZY_SUBMODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+__all__ = [
+    'LayerSpec',
+    'LayerStats',
+    'RunningStats',
+    'ScaleByBNPState',
+    'bnp',
+    'describe_coverage',
+    'input_statistics',
+    'merge_statistics',
+    'scale_by_bnp',
+]
