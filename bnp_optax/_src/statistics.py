@@ -79,7 +79,7 @@ def input_statistics(
   if count == 0:
     raise ValueError('cannot take statistics of an empty batch')
   shift = rows[0]
-  centred = rows - shift
+  centred = rows - shift[None, :]
   mean_centred = jnp.mean(centred, axis=0)
   mean_square_centred = jnp.mean(jnp.square(centred), axis=0)
   variance = jnp.maximum(mean_square_centred - jnp.square(mean_centred), 0)
