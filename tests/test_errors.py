@@ -1,0 +1,120 @@
+"""Bad input stops with a message that names the layer or argument at fault."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bnp_optax
+from tests import models
+
+
+@pytest.fixture(name='setup')
+def _setup():
+  model = models.MLP()
+  x = jnp.asarray(models.badly_scaled_inputs(np.random.default_rng(0), (4, 6)),
+                  jnp.float32)
+  params = model.init(jax.random.key(0), x)['params']
+  _, stats = bnp_optax.linen.apply(model, {'params': params}, x)
+  tx = bnp_optax.scale_by_bnp()
+  return params, stats, tx, tx.init(params)
+
+
+def test_missing_layer_stats(setup):
+  params, _, tx, state = setup
+  with pytest.raises(ValueError, match='needs the keyword argument layer_stats'):
+    tx.update(params, state, params)
+  chained = bnp_optax.bnp(0.1)
+  with pytest.raises(ValueError, match='needs the keyword argument layer_stats'):
+    chained.update(params, chained.init(params), params)
+
+
+def test_layer_without_statistics(setup):
+  params, stats, tx, state = setup
+  partial = {k: v for k, v in stats.items() if k != 'Dense_1'}
+  with pytest.raises(ValueError, match=re.escape(
+      "no statistics in layer_stats for the layers ['Dense_1']")):
+    tx.update(params, state, layer_stats=partial)
+
+
+def test_statistics_without_layer(setup):
+  params, stats, tx, state = setup
+  extra = dict(stats, Extra_0=stats['Dense_0'])
+  with pytest.raises(ValueError, match=re.escape(
+      "layer_stats has statistics for ['Extra_0']")):
+    tx.update(params, state, layer_stats=extra)
+
+
+def test_statistics_of_the_wrong_shape(setup):
+  params, stats, tx, state = setup
+  wrong = dict(stats, Dense_2=stats['Dense_1'])  # 5 features, not 4
+  with pytest.raises(ValueError, match=re.escape(
+      "layer 'Dense_2': statistics mean has shape (5,) but its dense kernel "
+      'of shape (4, 3) has fan-in shape (4,)')):
+    jax.jit(tx.update)(params, state, layer_stats=wrong)
+
+
+def test_not_layer_stats(setup):
+  params, stats, tx, state = setup
+  wrong = dict(stats, Dense_0={'mean': stats['Dense_0'].mean})
+  with pytest.raises(TypeError, match=re.escape(
+      "layer_stats['Dense_0/mean'] is a ArrayImpl, not a bnp_optax.LayerStats")):
+    tx.update(params, state, layer_stats=wrong)
+
+
+def test_bias_that_does_not_match_kernel(setup):
+  params, stats, tx, state = setup
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads['Dense_0']['bias'] = jnp.zeros(7)
+  with pytest.raises(ValueError, match=re.escape(
+      "layer 'Dense_0': bias shape (7,) does not match the output axes (5,)")):
+    tx.update(grads, state, layer_stats=stats)
+
+
+def test_state_from_another_model(setup):
+  params, stats, tx, _ = setup
+  other = {'Dense_0': params['Dense_0']}
+  state = tx.init(other)
+  with pytest.raises(ValueError, match=re.escape(
+      "holds running statistics for ['Dense_0'] but the gradients have layers "
+      "['Dense_0', 'Dense_1', 'Dense_2']")):
+    tx.update(params, state, layer_stats=stats)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'rho': 1.0}, 'rho must be in [0, 1), got 1.0'),
+    ({'rho': -0.1}, 'rho must be in [0, 1), got -0.1'),
+    ({'eps1': -1e-3}, 'eps1 must be >= 0, got -0.001'),
+    ({'eps2': -1.0}, 'eps2 must be >= 0, got -1.0'),
+])
+def test_invalid_hyperparameters(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    bnp_optax.scale_by_bnp(**kwargs)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    bnp_optax.bnp(0.1, **kwargs)
+
+
+def test_invalid_hyperparameters_under_inject_hyperparams():
+  with pytest.raises(ValueError, match=re.escape('rho must be in [0, 1)')):
+    optax.inject_hyperparams(bnp_optax.scale_by_bnp)(rho=1.5).init({})
+
+
+def test_layer_specs_naming_unknown_layer(setup):
+  params, _, _, _ = setup
+  tx = bnp_optax.scale_by_bnp(layer_specs={'Nope': bnp_optax.LayerSpec((), (0,))})
+  with pytest.raises(ValueError, match=re.escape(
+      "layer_specs names layers with no kernel in the parameters: ['Nope']")):
+    tx.init(params)
+
+
+def test_grouped_convolution_is_refused_by_name():
+  import flax.linen as nn
+  model = nn.Sequential([nn.Conv(4, (3, 3), feature_group_count=2)])
+  x = jnp.ones((2, 5, 5, 4))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(NotImplementedError, match=re.escape(
+      "layer 'layers_0' is a grouped convolution (feature_group_count=2)")):
+    bnp_optax.linen.apply(model, variables, x)

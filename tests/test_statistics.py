@@ -1,0 +1,69 @@
+"""Input statistics: one-pass reductions that stay accurate, exact merging."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnp_optax
+
+
+@pytest.mark.parametrize('dtype, mean, spread', [
+    (jnp.float32, 1000.0, 0.25),
+    (jnp.float32, 1e5, 1.0),
+    # bfloat16 resolves 16 at 3000: the spread must survive the rounding.
+    (jnp.bfloat16, 3000.0, 40.0),
+])
+def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread):
+  rng = np.random.default_rng(0)
+  x64 = mean + spread * rng.standard_normal((256, 3))
+  x = jnp.asarray(x64, dtype)
+  stats = bnp_optax.input_statistics(x, num_batch_axes=1, positions=1)
+  assert stats.mean.dtype == stats.variance.dtype == jnp.float32
+  exact = np.asarray(x, np.float64)  # the values as rounded to ``dtype``
+  np.testing.assert_allclose(stats.mean, exact.mean(0), rtol=1e-6)
+  # Naive E[x^2] - E[x]^2 in float32 loses all digits of the first two cases
+  # (its rounding error is ~6e-8 * mean^2); the shifted reduction does not.
+  np.testing.assert_allclose(stats.variance, exact.var(0), rtol=1e-3)
+  assert np.all(np.asarray(stats.variance) > 0)
+
+
+def test_single_row_has_zero_variance_exactly():
+  x = jnp.asarray([[3.0, -1e6, 7.5]])
+  stats = bnp_optax.input_statistics(x, num_batch_axes=1, positions=1)
+  np.testing.assert_array_equal(stats.variance, np.zeros(3))
+  np.testing.assert_array_equal(stats.mean, np.asarray(x[0]))
+  assert float(stats.count) == float(stats.batch_size) == 1
+
+
+def test_conv_shaped_input_reduces_over_batch_and_space():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((3, 5, 4, 2)) * [1.0, 10.0] + [0.0, 5.0]
+  with jax.enable_x64(True):
+    stats = bnp_optax.input_statistics(jnp.asarray(x), num_batch_axes=1,
+                                       positions=20)
+    np.testing.assert_allclose(stats.mean, x.mean((0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats.variance, x.var((0, 1, 2)), rtol=1e-12)
+  assert float(stats.count) == 60
+  assert float(stats.batch_size) == 3
+  assert float(stats.positions) == 20
+
+
+def test_merge_equals_statistics_of_the_concatenation():
+  rng = np.random.default_rng(2)
+  parts = [rng.standard_normal((n, 4)) * 3 + i for i, n in enumerate((1, 5, 2))]
+  with jax.enable_x64(True):
+    merged = bnp_optax.merge_statistics([
+        bnp_optax.input_statistics(jnp.asarray(p), num_batch_axes=1,
+                                   positions=1) for p in parts])
+    whole = np.concatenate(parts)
+    np.testing.assert_allclose(merged.mean, whole.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged.variance, whole.var(0), rtol=1e-12)
+  assert float(merged.count) == float(merged.batch_size) == 8
+
+
+def test_no_gradient_flows_through_statistics():
+  x = jnp.arange(12.0).reshape(4, 3)
+  grad = jax.grad(lambda x: jnp.sum(bnp_optax.input_statistics(
+      x, num_batch_axes=1, positions=1).variance))(x)
+  np.testing.assert_array_equal(grad, np.zeros_like(x))
