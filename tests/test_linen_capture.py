@@ -1,0 +1,173 @@
+"""The linen intercept records the right inputs, at the right paths."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnp_optax
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(nn.Dense(5)(x))
+
+
+class Nested(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = Block(name='block')(x)
+    h = nn.Dense(4, name='head')(h)
+    return h, x, h  # outputs the head's input too, for checking
+
+
+def test_paths_mirror_parameters_and_statistics_are_of_layer_inputs():
+  model = Nested()
+  x = jax.random.normal(jax.random.key(0), (7, 3)) * 4 + 2
+  variables = model.init(jax.random.key(1), x)
+  (out, _, _), stats = bnp_optax.linen.apply(model, variables, x)
+  assert jax.tree.structure(
+      stats, is_leaf=lambda s: isinstance(s, bnp_optax.LayerStats)
+  ) == jax.tree.structure({'block': {'Dense_0': 0}, 'head': 0})
+  block_out = nn.relu(x @ variables['params']['block']['Dense_0']['kernel']
+                      + variables['params']['block']['Dense_0']['bias'][None])
+  for s, h in ((stats['block']['Dense_0'], x), (stats['head'], block_out)):
+    np.testing.assert_allclose(s.mean, np.mean(h, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.variance, np.var(h, 0), rtol=1e-4,
+                               atol=1e-6)
+    assert float(s.batch_size) == float(s.count) == 7
+    assert float(s.positions) == 1
+  np.testing.assert_allclose(out, model.apply(variables, x)[0])
+
+
+@pytest.mark.parametrize('strides, padding, dilation, in_hw, out_hw', [
+    (1, 'SAME', 1, (8, 6), (8, 6)),
+    (2, 'SAME', 1, (8, 6), (4, 3)),
+    (1, 'VALID', 1, (8, 6), (6, 4)),
+    (2, ((1, 0), (2, 2)), 1, (8, 6), (4, 4)),
+    (1, 'VALID', 2, (8, 6), (4, 2)),
+])
+def test_conv_positions_are_output_positions(strides, padding, dilation,
+                                             in_hw, out_hw):
+  model = nn.Conv(3, (3, 3), strides=strides, padding=padding,
+                  kernel_dilation=dilation)
+  x = jax.random.uniform(jax.random.key(0), (2, *in_hw, 2))
+  variables = model.init(jax.random.key(1), x)
+  y, stats = bnp_optax.linen.apply(model, variables, x)
+  assert y.shape[1:3] == out_hw
+  assert float(stats.positions) == out_hw[0] * out_hw[1]
+  assert float(stats.batch_size) == 2
+  assert float(stats.count) == 2 * in_hw[0] * in_hw[1]
+  np.testing.assert_allclose(stats.mean, np.mean(x, (0, 1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_size, shape', [
+    ((3,), (4, 10, 2)),         # 1-D
+    ((3, 3, 3), (2, 5, 5, 5, 2)),  # 3-D
+    ((3, 3), (6, 6, 2)),        # unbatched
+])
+def test_conv_of_any_rank(kernel_size, shape):
+  model = nn.Conv(3, kernel_size)
+  x = jax.random.uniform(jax.random.key(0), shape)
+  params = model.init(jax.random.key(1), x)['params']
+
+  def loss(params):
+    y, stats = bnp_optax.linen.apply(model, {'params': params}, x)
+    return jnp.sum(y ** 2), stats
+
+  grads, stats = jax.grad(loss, has_aux=True)(params)
+  batch = shape[0] if len(shape) == len(kernel_size) + 2 else 1
+  assert float(stats.batch_size) == batch
+  assert float(stats.positions) == np.prod(shape[-len(kernel_size) - 1:-1])
+  tx = bnp_optax.scale_by_bnp()
+  updates, _ = tx.update(grads, tx.init(params), layer_stats=stats)
+  assert bnp_optax.describe_coverage(params)['kernel'] == 'conv kernel'
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_shared_layer_statistics_are_merged_exactly():
+  class Siamese(nn.Module):
+    @nn.compact
+    def __call__(self, a, b):
+      dense = nn.Dense(2)
+      return jnp.concatenate([dense(a), dense(b)])
+
+  model = Siamese()
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((3, 4))
+  b = rng.standard_normal((5, 4)) * 3 + 1
+  with jax.enable_x64(True):
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    variables = model.init(jax.random.key(0), a, a)
+    _, stats = bnp_optax.linen.apply(model, variables, a, b)
+    both = np.concatenate([a, b])
+    np.testing.assert_allclose(stats['Dense_0'].mean, both.mean(0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(stats['Dense_0'].variance, both.var(0),
+                               rtol=1e-12)
+  assert float(stats['Dense_0'].batch_size) == 8
+
+
+def test_mutable_collections_are_passed_through():
+  class WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.BatchNorm(use_running_average=False)(nn.Dense(3)(x))
+      return nn.Dense(2)(x)
+
+  model = WithBatchNorm()
+  x = jnp.ones((4, 3)) * jnp.arange(3.0)[None]
+  variables = model.init(jax.random.key(0), x)
+  (y, mutated), stats = bnp_optax.linen.apply(
+      model, variables, x, mutable=['batch_stats'])
+  want_y, want_mutated = model.apply(variables, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(y, want_y)
+  assert set(mutated) == {'batch_stats'}
+  jax.tree.map(np.testing.assert_allclose, mutated, want_mutated)
+  assert sorted(stats) == ['Dense_0', 'Dense_1']
+
+
+def test_no_extra_forward_pass():
+  """The loss with statistics has as many matmuls as the plain one."""
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(8), nn.relu,
+                         nn.Dense(2)])
+  x = jnp.ones((16, 4))
+  params = model.init(jax.random.key(0), x)['params']
+
+  def count_dots(fn):
+    jaxpr = jax.make_jaxpr(jax.grad(fn, has_aux=True))(params)
+    text = str(jaxpr)
+    return text.count('dot_general')
+
+  plain = lambda p: (jnp.sum(model.apply({'params': p}, x)), None)
+  with_stats = lambda p: (lambda y, s: (jnp.sum(y), s))(
+      *bnp_optax.linen.apply(model, {'params': p}, x))
+  assert count_dots(with_stats) == count_dots(plain)
+
+
+def test_inputs_given_by_keyword_and_model_that_is_one_layer():
+  model = nn.Dense(3)
+  x = jnp.arange(8.0).reshape(4, 2)
+  params = model.init(jax.random.key(0), x)['params']
+
+  def loss(params):
+    y, stats = bnp_optax.linen.apply(model, {'params': params}, inputs=x)
+    return jnp.sum(y), stats
+
+  grads, stats = jax.grad(loss, has_aux=True)(params)
+  assert isinstance(stats, bnp_optax.LayerStats)
+  tx = bnp_optax.bnp(0.1)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params, layer_stats=stats)
+  np.testing.assert_allclose(state[0].running_stats['<root>'].mean,
+                             0.01 * np.mean(x, 0), rtol=1e-6)
+
+
+def test_model_apply_alone_records_nothing():
+  model = nn.Dense(3)
+  x = jnp.ones((2, 2))
+  variables = model.init(jax.random.key(0), x)
+  _, mutated = model.apply(variables, x, mutable=True)
+  assert set(mutated) == {'params'}
