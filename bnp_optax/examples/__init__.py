@@ -1,0 +1,1 @@
+"""Runnable examples; each needs only what the package's extras install."""
