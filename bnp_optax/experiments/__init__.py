@@ -1,0 +1,40 @@
+"""Reproduce the BNP paper's experiments: models, data, runs, figures.
+
+Run ``python -m bnp_optax.experiments --help``. Subcommands: ``run`` (methods
+x seeds on one model, dataset and batch size), ``suite`` (one of the paper's
+comparisons at a chosen scale), ``plot`` (a figure from run JSON files) and
+``list`` (methods, models, suites, the paper's learning rates). Needs the
+``experiments`` extra: ``pip install 'bnp_optax[experiments]'``.
+
+The pieces are importable for scripts and notebooks.
+"""
+
+from bnp_optax.experiments._batch_renorm import BatchRenorm
+from bnp_optax.experiments._cli import main
+from bnp_optax.experiments._data import DataError
+from bnp_optax.experiments._data import Dataset
+from bnp_optax.experiments._data import load as load_dataset
+from bnp_optax.experiments._methods import default_learning_rate
+from bnp_optax.experiments._methods import METHODS
+from bnp_optax.experiments._models import make_model
+from bnp_optax.experiments._plot import load_results
+from bnp_optax.experiments._plot import plot
+from bnp_optax.experiments._train import check_result
+from bnp_optax.experiments._train import RunConfig
+from bnp_optax.experiments._train import train
+
+__all__ = [
+    'BatchRenorm',
+    'DataError',
+    'Dataset',
+    'METHODS',
+    'RunConfig',
+    'check_result',
+    'default_learning_rate',
+    'load_dataset',
+    'load_results',
+    'main',
+    'make_model',
+    'plot',
+    'train',
+]

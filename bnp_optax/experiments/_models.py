@@ -1,0 +1,267 @@
+"""The paper's models (Section 5, Appendix B) in Flax linen.
+
+Every model takes ``(x, train)`` with ``x`` in NHWC and a normalisation
+``norm`` among ``'none'``, ``'bn'`` (BatchNorm), ``'renorm'`` (Batch
+Renormalization), ``'ln'`` (LayerNorm) and ``'gn'`` (GroupNorm). BNP needs no
+layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
+
+- ``fc``: three hidden Dense layers of 100, ReLU, Glorot-uniform weights and
+  zero biases; the normalisation comes after the activation
+  (post-activation), as in the paper's BN network.
+- ``cnn5``: the TensorFlow tutorial CNN the paper uses: three 3x3 VALID
+  convolutions with 32, 64 and 32 filters, ReLU, 2x2 max pooling after the
+  first two, then Dense(64) and Dense(classes); Glorot-uniform weights, zero
+  biases, normalisation after each hidden activation.
+- ``resnet110``: He et al. (2016a) CIFAR ResNet, 3 stages of 18 basic blocks
+  (16, 32, 64 filters), conv-norm-ReLU, 1x1 projection shortcuts where the
+  shape changes.
+- ``preact_resnet110``: the pre-activation version (He et al., 2016b),
+  norm-ReLU-conv.
+- ``resnet18``: the ImageNet ResNet-18 (7x7 stem, max pooling, 2-2-2-2 basic
+  blocks of 64-512 filters). On 32x32 inputs it runs, though the paper's
+  ImageNet setting needs 224x224.
+
+ResNets use He-normal weights (scaled by ``init_scale``) and GroupNorm with
+4 channels per group (ResNet-110s) or 32 groups (ResNet-18), as Appendix B.
+"""
+
+from collections.abc import Callable
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bnp_optax.experiments import _batch_renorm
+
+NORMS = ('none', 'bn', 'renorm', 'ln', 'gn')
+
+_glorot = nn.initializers.glorot_uniform()
+_zeros = nn.initializers.zeros
+
+
+def make_norm(norm: str, train: bool, *, gn_group_size: int | None = 4,
+              gn_groups: int | None = None) -> Callable | None:
+  """A fresh normalisation layer for ``norm``, or None for ``'none'``."""
+  if norm == 'none':
+    return None
+  if norm == 'bn':
+    # TensorFlow's defaults, as the paper used.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.99,
+                        epsilon=1e-3)
+  if norm == 'renorm':
+    return _batch_renorm.BatchRenorm(use_running_average=not train)
+  if norm == 'ln':
+    return _LayerNormAllFeatures()
+  if norm == 'gn':
+    if gn_groups is not None:
+      return _GroupNormCapped(num_groups=gn_groups)
+    return _GroupNormCapped(group_size=gn_group_size)
+  raise ValueError(f'unknown normalisation {norm!r}; expected one of {NORMS}')
+
+
+class _LayerNormAllFeatures(nn.Module):
+  """LayerNorm over every non-batch axis (features and positions)."""
+
+  @nn.compact
+  def __call__(self, x):
+    axes = tuple(range(1, x.ndim))
+    return nn.LayerNorm(epsilon=1e-3, reduction_axes=axes, feature_axes=-1)(x)
+
+
+class _GroupNormCapped(nn.Module):
+  """GroupNorm whose group count never exceeds the channel count."""
+
+  num_groups: int | None = None
+  group_size: int | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    if self.num_groups is not None:
+      groups = min(self.num_groups, channels)
+      while channels % groups:
+        groups -= 1
+      return nn.GroupNorm(num_groups=groups, epsilon=1e-5)(x)
+    size = min(self.group_size, channels)
+    while channels % size:
+      size -= 1
+    return nn.GroupNorm(num_groups=None, group_size=size, epsilon=1e-5)(x)
+
+
+def _apply_norm(norm, train, x, **kwargs):
+  layer = make_norm(norm, train, **kwargs)
+  return x if layer is None else layer(x)
+
+
+class FullyConnected(nn.Module):
+  """The paper's FC network: 3 x 100, ReLU, post-activation normalisation."""
+
+  norm: str = 'none'
+  num_classes: int = 10
+  hidden: tuple[int, ...] = (100, 100, 100)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width, kernel_init=_glorot, bias_init=_zeros)(x))
+      x = _apply_norm(self.norm, train, x, gn_group_size=4)
+    return nn.Dense(self.num_classes, kernel_init=_glorot,
+                    bias_init=_zeros)(x)
+
+
+class CNN5(nn.Module):
+  """The 5-layer CNN (TensorFlow tutorial): conv 32-64-32, Dense 64, Dense."""
+
+  norm: str = 'none'
+  num_classes: int = 10
+  filters: tuple[int, ...] = (32, 64, 32)
+  dense: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i, f in enumerate(self.filters):
+      x = nn.Conv(f, (3, 3), padding='VALID', kernel_init=_glorot,
+                  bias_init=_zeros)(x)
+      x = _apply_norm(self.norm, train, nn.relu(x), gn_group_size=4)
+      if i < len(self.filters) - 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense, kernel_init=_glorot, bias_init=_zeros)(x))
+    x = _apply_norm(self.norm, train, x, gn_group_size=4)
+    return nn.Dense(self.num_classes, kernel_init=_glorot,
+                    bias_init=_zeros)(x)
+
+
+class _BasicBlock(nn.Module):
+  """Post-activation basic block (He et al., 2016a)."""
+
+  filters: int
+  strides: int
+  conv: Callable
+  norm: Callable
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.filters, (3, 3), strides=self.strides)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm()(y)
+    if x.shape != y.shape:
+      x = self.conv(self.filters, (1, 1), strides=self.strides)(x)
+      x = self.norm()(x)
+    return nn.relu(x + y)
+
+
+class _PreActBlock(nn.Module):
+  """Pre-activation basic block (He et al., 2016b)."""
+
+  filters: int
+  strides: int
+  conv: Callable
+  norm: Callable
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(self.norm()(x))
+    shortcut = x
+    if x.shape[-1] != self.filters or self.strides != 1:
+      shortcut = self.conv(self.filters, (1, 1), strides=self.strides)(y)
+    y = self.conv(self.filters, (3, 3), strides=self.strides)(y)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    return shortcut + y
+
+
+class ResNet(nn.Module):
+  """ResNets of the paper: CIFAR ResNet-(6n+2), pre-activation, ResNet-18.
+
+  Attributes:
+    norm: the normalisation, see :data:`NORMS`.
+    num_classes: output classes.
+    stage_sizes: blocks per stage.
+    stage_filters: filters per stage.
+    preact: pre-activation blocks (He et al., 2016b).
+    imagenet_stem: 7x7/2 convolution and 3x3/2 max pooling (ResNet-18).
+    init_scale: factor on the He-normal weight initialisation.
+    conv_bias: give the convolutions a bias (for BNP, which centres with it).
+    gn_groups: GroupNorm group count (ResNet-18), else groups of 4 channels.
+  """
+
+  norm: str = 'bn'
+  num_classes: int = 10
+  stage_sizes: tuple[int, ...] = (18, 18, 18)
+  stage_filters: tuple[int, ...] = (16, 32, 64)
+  preact: bool = False
+  imagenet_stem: bool = False
+  init_scale: float = 1.0
+  conv_bias: bool = False
+  gn_groups: int | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    init = nn.initializers.variance_scaling(
+        2.0 * self.init_scale ** 2, 'fan_out', 'normal')
+    conv = functools.partial(nn.Conv, padding='SAME', kernel_init=init,
+                             use_bias=self.conv_bias, bias_init=_zeros)
+    if self.norm == 'none':
+      norm = lambda: (lambda y: y)
+    else:
+      norm = functools.partial(make_norm, self.norm, train, gn_group_size=4,
+                               gn_groups=self.gn_groups)
+    if self.imagenet_stem:
+      x = conv(self.stage_filters[0], (7, 7), strides=2)(x)
+    else:
+      x = conv(self.stage_filters[0], (3, 3))(x)
+    if not self.preact:
+      x = nn.relu(norm()(x))
+    if self.imagenet_stem:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    block = _PreActBlock if self.preact else _BasicBlock
+    for i, (size, filters) in enumerate(zip(self.stage_sizes,
+                                            self.stage_filters)):
+      for j in range(size):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block(filters, strides, conv, norm)(x)
+    if self.preact:
+      x = nn.relu(norm()(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, kernel_init=_glorot, bias_init=_zeros)(x)
+
+
+MODELS = ('fc', 'cnn5', 'resnet110', 'preact_resnet110', 'resnet18')
+
+
+def make_model(name: str, norm: str, num_classes: int, *,
+               init_scale: float = 1.0, conv_bias: bool = False,
+               resnet_blocks: int | None = None) -> nn.Module:
+  """Builds model ``name`` with normalisation ``norm``.
+
+  Args:
+    name: one of :data:`MODELS`.
+    norm: one of :data:`NORMS`.
+    num_classes: output classes.
+    init_scale: factor on the ResNets' He-normal initialisation.
+    conv_bias: give the ResNets' convolutions a bias.
+    resnet_blocks: blocks per stage of the CIFAR ResNets instead of 18
+      (a smaller network of the same family, e.g. 3 for ResNet-20).
+
+  Returns:
+    The Flax linen module.
+  """
+  if norm not in NORMS:
+    raise ValueError(f'unknown normalisation {norm!r}; expected one of {NORMS}')
+  if name == 'fc':
+    return FullyConnected(norm=norm, num_classes=num_classes)
+  if name == 'cnn5':
+    return CNN5(norm=norm, num_classes=num_classes)
+  if name in ('resnet110', 'preact_resnet110'):
+    n = 18 if resnet_blocks is None else resnet_blocks
+    return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(n, n, n),
+                  preact=name.startswith('preact'), init_scale=init_scale,
+                  conv_bias=conv_bias)
+  if name == 'resnet18':
+    return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(2, 2, 2, 2),
+                  stage_filters=(64, 128, 256, 512), imagenet_stem=True,
+                  init_scale=init_scale, conv_bias=conv_bias, gn_groups=32)
+  raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')

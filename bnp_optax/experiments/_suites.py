@@ -1,0 +1,67 @@
+"""The paper's comparisons (Section 5, Figures 3-7) as named suites."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """A comparison: one model, dataset and batch size, several methods.
+
+  Attributes:
+    name: the suite's name on the command line.
+    figure: which figure of the paper it reproduces.
+    model: model name.
+    dataset: dataset name.
+    batch_size: batch size.
+    methods: methods compared.
+    epochs: the default number of epochs.
+    settings: other ``RunConfig`` fields for every method.
+    method_settings: ``{method: {field: value}}`` overrides.
+  """
+
+  name: str
+  figure: str
+  model: str
+  dataset: str
+  batch_size: int
+  methods: tuple[str, ...]
+  epochs: int
+  settings: dict = dataclasses.field(default_factory=dict)
+  method_settings: dict = dataclasses.field(default_factory=dict)
+
+
+# Appendix B: momentum 0.9, weight decay 1e-4, warm-up from 0.01 over
+# 400 iterations, decay by 10 at epochs 80/120 (CIFAR-10) or 150/220
+# (CIFAR-100), He et al.'s augmentation.
+_RESNET_CIFAR10 = dict(optimizer='momentum', weight_decay=1e-4,
+                       warmup_steps=400, lr_decay_epochs=(80, 120),
+                       augment=True)
+_RESNET_CIFAR100 = dict(_RESNET_CIFAR10, lr_decay_epochs=(150, 220))
+
+SUITES = {s.name: s for s in (
+    Suite('digits', 'offline stand-in for Figure 3 (no download)', 'fc',
+          'digits', 60, ('vanilla', 'bn', 'ln', 'bnp'), 10),
+    Suite('fig3-mnist', 'Figure 3 left', 'fc', 'mnist', 60,
+          ('vanilla', 'bn', 'ln', 'bnp'), 20),
+    Suite('fig3-cifar10', 'Figure 3 right', 'fc', 'cifar10', 60,
+          ('vanilla', 'bn', 'ln', 'bnp'), 20),
+    Suite('fig4-fc-bs6', 'Figure 4 left', 'fc', 'cifar10', 6,
+          ('vanilla', 'bn', 'renorm', 'ln', 'bnp'), 20),
+    Suite('fig4-fc-bs1', 'Figure 4 right (FC)', 'fc', 'cifar10', 1,
+          ('vanilla', 'bn', 'renorm', 'ln', 'bnp'), 20),
+    Suite('mnist-bs1', 'FC on MNIST at batch size 1 (online learning)', 'fc',
+          'mnist', 1, ('vanilla', 'bn', 'renorm', 'ln', 'bnp'), 1,
+          dict(evals_per_epoch=10)),
+    Suite('fig4-cnn-bs1', 'Figure 4 right (CNN)', 'cnn5', 'cifar10', 1,
+          ('vanilla', 'bn', 'renorm', 'bnp'), 20),
+    Suite('fig5-bs128', 'Figure 5 left', 'cnn5', 'cifar10', 128,
+          ('vanilla', 'bn', 'bnp'), 20),
+    Suite('fig5-bs2', 'Figure 5 right', 'cnn5', 'cifar10', 2,
+          ('vanilla', 'bn', 'renorm', 'bnp'), 20),
+    Suite('fig6-resnet110', 'Figure 6 left', 'resnet110', 'cifar10', 128,
+          ('bn', 'gn', 'bnp', 'bnp_gn'), 160, _RESNET_CIFAR10,
+          {'bnp_gn': dict(weight_decay=1.5e-4, init_scale=0.1)}),
+    Suite('fig6-preact', 'Figure 6 right', 'preact_resnet110', 'cifar100',
+          128, ('bn', 'gn', 'bnp', 'bnp_gn'), 250, _RESNET_CIFAR100,
+          {'bnp_gn': dict(weight_decay=2e-4, init_scale=0.4)}),
+)}

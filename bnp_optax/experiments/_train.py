@@ -1,0 +1,488 @@
+"""One training run: model, optimizer, jit-compiled steps, evaluation, JSON.
+
+A chunk of ``steps_per_call`` training steps is one jit-compiled call (a
+``jax.lax.scan`` over the chunk's batches), so Python dispatch does not
+dominate at batch size 1 or 2; with ``steps_per_call=1`` each step is its own
+call. The last chunk of a segment is padded and its padded steps masked out,
+so a run compiles its step once. Images stay ``uint8`` on the host and are
+scaled to ``[0, 1]`` inside the compiled function; the time spent gathering
+batches on the host (data) and in the compiled calls (step) is measured
+separately.
+"""
+
+import dataclasses
+import datetime
+import math
+import platform
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bnp_optax
+from bnp_optax.experiments import _data
+from bnp_optax.experiments import _methods
+from bnp_optax.experiments import _models
+
+SCHEMA = 'bnp_optax.experiments.run/1'
+
+
+@dataclasses.dataclass
+class RunConfig:
+  """Everything that defines a run (stored in its JSON).
+
+  Attributes:
+    model: one of ``_models.MODELS``.
+    dataset: one of ``_data.DATASETS``.
+    method: one of ``_methods.METHODS``.
+    batch_size: examples per step.
+    epochs: passes over the training set.
+    seed: initialisation and data-order seed.
+    learning_rate: ``None`` for the paper's (Tables 2 and 3).
+    optimizer: ``'sgd'``, ``'momentum'`` or ``'adam'``.
+    momentum: momentum of ``'momentum'``.
+    weight_decay: L2 weight decay added to the gradient (before BNP).
+    warmup_steps: linear warm-up steps from ``warmup_init``.
+    warmup_init: learning rate at step 0 of the warm-up.
+    lr_decay_epochs: epochs at which the learning rate is divided by 10.
+    augment: random crops (4-pixel zero padding) and horizontal flips.
+    train_subset: use this many training examples (random, fixed).
+    test_subset: use this many test examples (random, fixed).
+    evals_per_epoch: test evaluations (history points) per epoch.
+    steps_per_call: training steps per compiled call; ``None``: automatic.
+    resnet_blocks: blocks per stage of the CIFAR ResNets (18 for 110).
+    init_scale: factor on the ResNets' He-normal initialisation.
+    eps1: BNP's ``eps1``.
+    eps2: BNP's ``eps2``.
+    rho: BNP's ``rho``.
+  """
+
+  model: str = 'fc'
+  dataset: str = 'digits'
+  method: str = 'bnp'
+  batch_size: int = 60
+  epochs: int = 3
+  seed: int = 0
+  learning_rate: float | None = None
+  optimizer: str = 'sgd'
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  warmup_steps: int = 0
+  warmup_init: float = 0.01
+  lr_decay_epochs: tuple[int, ...] = ()
+  augment: bool = False
+  train_subset: int | None = None
+  test_subset: int | None = None
+  evals_per_epoch: int = 1
+  steps_per_call: int | None = None
+  resnet_blocks: int | None = None
+  init_scale: float = 1.0
+  eps1: float = 1e-2
+  eps2: float = 1e-4
+  rho: float = 0.99
+
+  def resolved_learning_rate(self) -> tuple[float, str]:
+    if self.learning_rate is not None:
+      return float(self.learning_rate), 'command line'
+    return _methods.default_learning_rate(self.model, self.dataset,
+                                          self.batch_size, self.method)
+
+  def run_name(self) -> str:
+    """File stem of the run's JSON, unique per configuration that matters."""
+    lr, _ = self.resolved_learning_rate()
+    name = (f'{self.model}-{self.dataset}-bs{self.batch_size}-{self.method}'
+            f'-lr{lr:g}-{self.optimizer}-e{self.epochs}')
+    if self.train_subset:
+      name += f'-n{self.train_subset}'
+    return name + f'-seed{self.seed}'
+
+
+OPTIMIZERS = ('sgd', 'momentum', 'adam')
+
+
+def validate(config: RunConfig) -> None:
+  """Raises ValueError for a configuration that cannot run."""
+  if config.method not in _methods.METHODS:
+    raise ValueError(f'unknown method {config.method!r}; expected one of '
+                     f'{sorted(_methods.METHODS)}')
+  if config.model not in _models.MODELS:
+    raise ValueError(f'unknown model {config.model!r}; expected one of '
+                     f'{_models.MODELS}')
+  if config.dataset not in _data.DATASETS:
+    raise ValueError(f'unknown dataset {config.dataset!r}; expected one of '
+                     f'{_data.DATASETS}')
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f'unknown optimizer {config.optimizer!r}; expected one '
+                     f'of {OPTIMIZERS}')
+  for field in ('batch_size', 'epochs', 'evals_per_epoch'):
+    if getattr(config, field) < 1:
+      raise ValueError(f'{field} must be >= 1, got {getattr(config, field)}')
+  if config.steps_per_call is not None and config.steps_per_call < 1:
+    raise ValueError('steps_per_call must be >= 1')
+  lr, _ = config.resolved_learning_rate()
+  if not lr > 0:
+    raise ValueError(f'learning rate must be > 0, got {lr}')
+
+
+def prepare_data(config: RunConfig, ds: _data.Dataset) -> _data.Dataset:
+  """Applies the subsets and checks the batch size against the data."""
+  ds = _data.subset(ds, config.train_subset, config.test_subset)
+  if config.batch_size > len(ds.x_train):
+    raise ValueError(
+        f'batch size {config.batch_size} is larger than the training set '
+        f'({len(ds.x_train)} examples of {ds.name})')
+  return ds
+
+
+def _schedule(config: RunConfig, lr: float, steps_per_epoch: int):
+  boundaries = [int(e * steps_per_epoch) for e in config.lr_decay_epochs]
+  if not boundaries and not config.warmup_steps:
+    return lr
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    decays = sum(jnp.where(count >= b, 1.0, 0.0) for b in boundaries)
+    value = lr * jnp.power(0.1, decays) if boundaries else jnp.asarray(lr)
+    if config.warmup_steps:
+      frac = jnp.clip(count / config.warmup_steps, 0.0, 1.0)
+      warm = config.warmup_init + (lr - config.warmup_init) * frac
+      value = jnp.where(count < config.warmup_steps, warm, value)
+    return value
+
+  return schedule
+
+
+def make_optimizer(config: RunConfig, lr: float,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+  """The method's optimizer: [weight decay], [BNP], then SGD/momentum/Adam."""
+  schedule = _schedule(config, lr, steps_per_epoch)
+  if config.optimizer == 'adam':
+    base = optax.adam(schedule)
+  elif config.optimizer == 'momentum':
+    base = optax.sgd(schedule, momentum=config.momentum)
+  else:
+    base = optax.sgd(schedule)
+  parts = []
+  if config.weight_decay:
+    parts.append(optax.add_decayed_weights(config.weight_decay))
+  if _methods.METHODS[config.method].bnp:
+    parts.append(bnp_optax.scale_by_bnp(eps1=config.eps1, eps2=config.eps2,
+                                        rho=config.rho))
+  return optax.chain(*parts, base)
+
+
+def make_model(config: RunConfig, num_classes: int):
+  method = _methods.METHODS[config.method]
+  return _models.make_model(
+      config.model, method.norm, num_classes, init_scale=config.init_scale,
+      conv_bias=method.bnp or method.norm in ('none', 'ln'),
+      resnet_blocks=config.resnet_blocks)
+
+
+def _to_float(x):
+  return x.astype(jnp.float32) / 255.0
+
+
+def _augment(key, x):
+  """Random crop from a 4-pixel zero padding and random horizontal flip."""
+  n, h, w, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  k1, k2, k3 = jax.random.split(key, 3)
+  dy = jax.random.randint(k1, (n,), 0, 9)
+  dx = jax.random.randint(k2, (n,), 0, 9)
+  flip = jax.random.bernoulli(k3, 0.5, (n,))
+
+  def one(img, oy, ox, f):
+    crop = jax.lax.dynamic_slice(img, (oy, ox, 0), (h, w, img.shape[-1]))
+    return jnp.where(f, crop[:, ::-1, :], crop)
+
+  return jax.vmap(one)(padded, dy, dx, flip)
+
+
+def _cross_entropy(logits, labels):
+  return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+class Trainer:
+  """The compiled training chunk and evaluation of one run."""
+
+  def __init__(self, config: RunConfig, num_classes: int, input_shape,
+               steps_per_epoch: int):
+    self.config = config
+    self.method = _methods.METHODS[config.method]
+    self.model = make_model(config, num_classes)
+    self.lr, self.lr_source = config.resolved_learning_rate()
+    self.tx = make_optimizer(config, self.lr, steps_per_epoch)
+    key = jax.random.key(config.seed)
+    init_key, data_key = jax.random.split(key)
+    x0 = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+    variables = dict(self.model.init(init_key, x0, train=False))
+    params = variables.pop('params')
+    # Raw key data, so that the carry can be masked with jnp.where.
+    self.state = (params, variables, self.tx.init(params),
+                  jax.random.key_data(data_key))
+    self.num_params = sum(int(np.prod(p.shape))
+                          for p in jax.tree.leaves(params))
+
+  def _loss(self, params, model_state, x, y):
+    variables = {'params': params, **model_state}
+    mutable = list(model_state)
+    if self.method.bnp:
+      out, layer_stats = bnp_optax.linen.apply(
+          self.model, variables, x, train=True, mutable=mutable)
+    else:
+      out = self.model.apply(variables, x, train=True, mutable=mutable)
+      layer_stats = None
+    logits, new_state = out
+    return _cross_entropy(logits, y), (dict(new_state), layer_stats)
+
+  def step(self, state, x, y):
+    """One training step on a uint8 batch; returns the new state and loss."""
+    params, model_state, opt_state, key_data = state
+    key, aug_key = jax.random.split(jax.random.wrap_key_data(key_data))
+    x = _to_float(x)
+    if self.config.augment:
+      x = _augment(aug_key, x)
+    (loss, (model_state, layer_stats)), grads = jax.value_and_grad(
+        self._loss, has_aux=True)(params, model_state, x, y)
+    if self.method.bnp:
+      updates, opt_state = self.tx.update(grads, opt_state, params,
+                                          layer_stats=layer_stats)
+    else:
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, model_state, opt_state, jax.random.key_data(key)), loss
+
+  def chunk(self, state, xs, ys, valid):
+    """``len(xs)`` steps in one scan; steps with ``valid=False`` are no-ops."""
+
+    def body(state, inputs):
+      x, y, ok = inputs
+      new_state, loss = self.step(state, x, y)
+      new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state,
+                               state)
+      return new_state, jnp.where(ok, loss, 0.0)
+
+    return jax.lax.scan(body, state, (xs, ys, valid))
+
+  def evaluate(self, state, x, y, weight):
+    params, model_state, _, _ = state
+    logits = self.model.apply({'params': params, **model_state},
+                              _to_float(x), train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return jnp.sum(correct * weight), jnp.sum(losses * weight)
+
+
+def _finite_or_none(value):
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def versions() -> dict[str, str]:
+  """Versions of everything that affects the numbers."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return {
+      'bnp_optax': bnp_optax.__version__,
+      'jax': jax.__version__,
+      'jaxlib': jaxlib.__version__,
+      'flax': flax.__version__,
+      'optax': optax.__version__,
+      'numpy': np.__version__,
+      'python': sys.version.split()[0],
+      'platform': platform.platform(),
+      'backend': jax.default_backend(),
+      'device': getattr(device, 'device_kind', str(device)),
+  }
+
+
+def auto_steps_per_call(batch_size: int, steps_per_epoch: int) -> int:
+  """About 1024 examples per compiled call, at most an epoch."""
+  return max(1, min(steps_per_epoch, math.ceil(1024 / batch_size)))
+
+
+def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
+          log=print) -> dict[str, Any]:
+  """Trains one configuration on ``ds`` and returns its result dict.
+
+  Args:
+    config: the run, already validated.
+    ds: the dataset, already subset by :func:`prepare_data`.
+    progress: show a tqdm progress bar with the running loss.
+    log: called with one line per evaluation.
+
+  Returns:
+    The result, in the JSON schema :data:`SCHEMA` (see :func:`check_result`).
+  """
+  start = time.perf_counter()
+  bs = config.batch_size
+  n_train = len(ds.x_train)
+  steps_per_epoch = n_train // bs
+  spc = config.steps_per_call or auto_steps_per_call(bs, steps_per_epoch)
+  spc = min(spc, steps_per_epoch)
+  trainer = Trainer(config, ds.num_classes, ds.x_train.shape[1:],
+                    steps_per_epoch)
+  state = trainer.state
+
+  xs_shape = (spc, bs) + ds.x_train.shape[1:]
+  compile_start = time.perf_counter()
+  chunk_fn = jax.jit(trainer.chunk).lower(
+      state, jax.ShapeDtypeStruct(xs_shape, jnp.uint8),
+      jax.ShapeDtypeStruct((spc, bs), jnp.int32),
+      jax.ShapeDtypeStruct((spc,), jnp.bool_)).compile()
+  eval_bs = min(len(ds.x_test), max(bs, 500))
+  eval_fn = jax.jit(trainer.evaluate)
+  compile_s = time.perf_counter() - compile_start
+
+  def run_eval(state):
+    correct, total_loss = 0.0, 0.0
+    for i in range(0, len(ds.x_test), eval_bs):
+      x = ds.x_test[i:i + eval_bs]
+      y = ds.y_test[i:i + eval_bs]
+      w = np.ones(len(x), np.float32)
+      pad = eval_bs - len(x)
+      if pad:
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        w = np.concatenate([w, np.zeros(pad, np.float32)])
+      c, l = eval_fn(state, x, y, w)
+      correct += float(c)
+      total_loss += float(l)
+    n = len(ds.x_test)
+    return correct / n, total_loss / n
+
+  eval_start = time.perf_counter()
+  acc0, loss0 = run_eval(state)
+  eval_s = time.perf_counter() - eval_start
+  history = [dict(epoch=0.0, step=0, train_loss=None,
+                  test_accuracy=acc0, test_loss=_finite_or_none(loss0),
+                  time_s=0.0)]
+  data_s = step_s = 0.0
+  train_s = 0.0
+  rng = np.random.default_rng(config.seed)
+  total_steps = steps_per_epoch * config.epochs
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total_steps, unit='step', leave=False, dynamic_ncols=True,
+               mininterval=0.5,
+               desc=f'{config.method} s{config.seed}')
+  step = 0
+  diverged = False
+  for epoch in range(config.epochs):
+    order = rng.permutation(n_train)
+    cuts = [round(steps_per_epoch * k / config.evals_per_epoch)
+            for k in range(config.evals_per_epoch + 1)]
+    for seg_start, seg_end in zip(cuts[:-1], cuts[1:]):
+      seg_losses = []
+      for c0 in range(seg_start, seg_end, spc):
+        t0 = time.perf_counter()
+        count = min(spc, seg_end - c0)
+        idx = order[c0 * bs:(c0 + count) * bs]
+        xs = ds.x_train[idx].reshape((count, bs) + ds.x_train.shape[1:])
+        ys = ds.y_train[idx].reshape((count, bs))
+        valid = np.ones(spc, bool)
+        if count < spc:
+          valid[count:] = False
+          xs = np.concatenate(
+              [xs, np.zeros((spc - count,) + xs.shape[1:], xs.dtype)])
+          ys = np.concatenate(
+              [ys, np.zeros((spc - count, bs), ys.dtype)])
+        t1 = time.perf_counter()
+        state, losses = chunk_fn(state, xs, ys, valid)
+        losses = np.asarray(losses)[:count]
+        t2 = time.perf_counter()
+        data_s += t1 - t0
+        step_s += t2 - t1
+        train_s += t2 - t0
+        seg_losses.append(losses)
+        step += count
+        if bar is not None:
+          bar.update(count)
+          bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
+                          refresh=False)
+      seg_loss = float(np.mean(np.concatenate(seg_losses)))
+      if not math.isfinite(seg_loss):
+        diverged = True
+      t3 = time.perf_counter()
+      acc, test_loss = run_eval(state)
+      eval_s += time.perf_counter() - t3
+      history.append(dict(
+          epoch=epoch + seg_end / steps_per_epoch, step=step,
+          train_loss=_finite_or_none(seg_loss), test_accuracy=acc,
+          test_loss=_finite_or_none(test_loss), time_s=train_s))
+      line = (f'{config.model} {config.dataset} bs{bs} {config.method} '
+              f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
+              f'train loss {seg_loss:.4f} test acc {acc:.2%} '
+              f'({train_s:.1f}s)')
+      if bar is not None:
+        bar.write(line)
+      elif log is not None:
+        log(line)
+  if bar is not None:
+    bar.close()
+  cfg = dataclasses.asdict(config)
+  cfg['lr_decay_epochs'] = list(config.lr_decay_epochs)
+  cfg.update(
+      learning_rate=trainer.lr, learning_rate_source=trainer.lr_source,
+      method_label=trainer.method.label, norm=trainer.method.norm,
+      bnp=trainer.method.bnp, num_train=n_train, num_test=len(ds.x_test),
+      num_classes=ds.num_classes, input_shape=list(ds.x_train.shape[1:]),
+      data_source=ds.source, steps_per_epoch=steps_per_epoch,
+      steps_per_call=spc, num_params=trainer.num_params)
+  return {
+      'schema': SCHEMA,
+      'name': config.run_name(),
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'config': cfg,
+      'versions': versions(),
+      'history': history,
+      'final': dict(train_loss=history[-1]['train_loss'],
+                    test_accuracy=history[-1]['test_accuracy'],
+                    diverged=diverged),
+      'timing': dict(
+          total_s=time.perf_counter() - start, compile_s=compile_s,
+          train_s=train_s, data_s=data_s, step_s=step_s, eval_s=eval_s,
+          steps=step, data_us_per_step=1e6 * data_s / max(step, 1),
+          step_us_per_step=1e6 * step_s / max(step, 1)),
+  }
+
+
+_REQUIRED = {
+    'schema': str, 'name': str, 'created': str, 'config': dict,
+    'versions': dict, 'history': list, 'final': dict, 'timing': dict,
+}
+_REQUIRED_CONFIG = ('model', 'dataset', 'method', 'batch_size', 'epochs',
+                    'seed', 'learning_rate', 'learning_rate_source',
+                    'optimizer', 'method_label')
+_REQUIRED_POINT = ('epoch', 'step', 'train_loss', 'test_accuracy',
+                   'test_loss', 'time_s')
+
+
+def check_result(result: Any) -> None:
+  """Raises ValueError unless ``result`` follows the run JSON schema."""
+  if not isinstance(result, dict):
+    raise ValueError('a run result is a JSON object')
+  for key, kind in _REQUIRED.items():
+    if not isinstance(result.get(key), kind):
+      raise ValueError(f'run result: {key!r} missing or not a '
+                       f'{kind.__name__}')
+  if result['schema'] != SCHEMA:
+    raise ValueError(f'run result: schema {result["schema"]!r}, expected '
+                     f'{SCHEMA!r}')
+  missing = [k for k in _REQUIRED_CONFIG if k not in result['config']]
+  if missing:
+    raise ValueError(f'run result: config lacks {missing}')
+  if not result['history']:
+    raise ValueError('run result: empty history')
+  for point in result['history']:
+    missing = [k for k in _REQUIRED_POINT if k not in point]
+    if missing:
+      raise ValueError(f'run result: history point lacks {missing}')
