@@ -8,7 +8,8 @@ import importlib
 
 from bnp_optax._src.alias import bnp
 from bnp_optax._src.layers import describe_coverage
-from bnp_optax._src.layers import LayerSpec
+from bnp_optax._src.statistics import LayerSpec
+from bnp_optax._src.statistics import all_reduce_statistics
 from bnp_optax._src.statistics import input_statistics
 from bnp_optax._src.statistics import LayerStats
 from bnp_optax._src.statistics import merge_statistics
@@ -32,6 +33,7 @@ __all__ = [
     'LayerStats',
     'RunningStats',
     'ScaleByBNPState',
+    'all_reduce_statistics',
     'bnp',
     'describe_coverage',
     'input_statistics',

@@ -110,11 +110,29 @@ def test_layer_specs_naming_unknown_layer(setup):
     tx.init(params)
 
 
-def test_grouped_convolution_is_refused_by_name():
+@pytest.mark.parametrize('layer, name', [
+    ('ConvTranspose', 'a transposed convolution sees a zero-dilated input'),
+    ('ConvLocal', 'its kernel differs at every position'),
+])
+def test_unsupported_convolutions_are_refused_by_name(layer, name):
   import flax.linen as nn
-  model = nn.Sequential([nn.Conv(4, (3, 3), feature_group_count=2)])
+  model = nn.Sequential([getattr(nn, layer)(4, (3, 3))])
   x = jnp.ones((2, 5, 5, 4))
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(NotImplementedError, match=re.escape(
-      "layer 'layers_0' is a grouped convolution (feature_group_count=2)")):
+      f"layer 'layers_0' is a {layer}, which BNP does not support ({name})")):
     bnp_optax.linen.apply(model, variables, x)
+
+
+def test_dense_general_without_layer_specs_says_what_to_do():
+  import flax.linen as nn
+  model = nn.DenseGeneral(4, axis=(-2, -1))
+  x = jnp.ones((3, 5, 2))
+  params = model.init(jax.random.key(0), x)['params']
+  _, stats = bnp_optax.linen.apply(model, {'params': params}, x)
+  tx = bnp_optax.scale_by_bnp()
+  with pytest.raises(ValueError, match=re.escape(
+      "layer '<root>': the optimizer state holds statistics of shape (2,), "
+      'but the layer, a dense kernel (5, 2, 4)')) as info:
+    tx.update(params, tx.init(params), layer_stats=stats)
+  assert 'bnp_optax.linen.layer_specs(model, variables, x)' in str(info.value)

@@ -148,7 +148,7 @@ def test_non_finite_statistics_leave_running_statistics_unchanged():
   state = tx.init(params)
   _, state = tx.update(grads, state, layer_stats=stats)
   bad = dict(stats)
-  bad['Dense_1'] = stats['Dense_1']._replace(
+  bad['Dense_1'] = stats['Dense_1'].replace(
       mean=stats['Dense_1'].mean.at[0].set(jnp.nan))
   _, new_state = jax.jit(tx.update)(grads, state, layer_stats=bad)
   for field in ('mean', 'variance'):

@@ -18,7 +18,7 @@ def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread):
   rng = np.random.default_rng(0)
   x64 = mean + spread * rng.standard_normal((256, 3))
   x = jnp.asarray(x64, dtype)
-  stats = bnp_optax.input_statistics(x, num_batch_axes=1, positions=1)
+  stats = bnp_optax.input_statistics(x)
   assert stats.mean.dtype == stats.variance.dtype == jnp.float32
   exact = np.asarray(x, np.float64)  # the values as rounded to ``dtype``
   np.testing.assert_allclose(stats.mean, exact.mean(0), rtol=1e-6)
@@ -30,7 +30,7 @@ def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread):
 
 def test_single_row_has_zero_variance_exactly():
   x = jnp.asarray([[3.0, -1e6, 7.5]])
-  stats = bnp_optax.input_statistics(x, num_batch_axes=1, positions=1)
+  stats = bnp_optax.input_statistics(x)
   np.testing.assert_array_equal(stats.variance, np.zeros(3))
   np.testing.assert_array_equal(stats.mean, np.asarray(x[0]))
   assert float(stats.count) == float(stats.batch_size) == 1
@@ -40,7 +40,7 @@ def test_conv_shaped_input_reduces_over_batch_and_space():
   rng = np.random.default_rng(1)
   x = rng.standard_normal((3, 5, 4, 2)) * [1.0, 10.0] + [0.0, 5.0]
   with jax.enable_x64(True):
-    stats = bnp_optax.input_statistics(jnp.asarray(x), num_batch_axes=1,
+    stats = bnp_optax.input_statistics(jnp.asarray(x), batch_axes=(0,),
                                        positions=20)
     np.testing.assert_allclose(stats.mean, x.mean((0, 1, 2)), rtol=1e-12)
     np.testing.assert_allclose(stats.variance, x.var((0, 1, 2)), rtol=1e-12)
@@ -54,8 +54,7 @@ def test_merge_equals_statistics_of_the_concatenation():
   parts = [rng.standard_normal((n, 4)) * 3 + i for i, n in enumerate((1, 5, 2))]
   with jax.enable_x64(True):
     merged = bnp_optax.merge_statistics([
-        bnp_optax.input_statistics(jnp.asarray(p), num_batch_axes=1,
-                                   positions=1) for p in parts])
+        bnp_optax.input_statistics(jnp.asarray(p)) for p in parts])
     whole = np.concatenate(parts)
     np.testing.assert_allclose(merged.mean, whole.mean(0), rtol=1e-12)
     np.testing.assert_allclose(merged.variance, whole.var(0), rtol=1e-12)
@@ -65,5 +64,16 @@ def test_merge_equals_statistics_of_the_concatenation():
 def test_no_gradient_flows_through_statistics():
   x = jnp.arange(12.0).reshape(4, 3)
   grad = jax.grad(lambda x: jnp.sum(bnp_optax.input_statistics(
-      x, num_batch_axes=1, positions=1).variance))(x)
+      x).variance))(x)
   np.testing.assert_array_equal(grad, np.zeros_like(x))
+
+
+def test_feature_axes_keep_several_axes_in_their_order():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((4, 3, 5, 2))
+  with jax.enable_x64(True):
+    stats = bnp_optax.input_statistics(jnp.asarray(x), feature_axes=(3, 1))
+    want = np.transpose(x, (0, 2, 3, 1)).reshape(20, 2, 3)
+    np.testing.assert_allclose(stats.mean, want.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.variance, want.var(0), rtol=1e-12)
+  assert float(stats.batch_size) == 20

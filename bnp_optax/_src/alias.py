@@ -15,6 +15,7 @@ def bnp(
     eps1: chex.Numeric = transform.DEFAULT_EPS1,
     eps2: chex.Numeric = transform.DEFAULT_EPS2,
     rho: chex.Numeric = transform.DEFAULT_RHO,
+    debias: bool = False,
     layer_specs: layers_lib.LayerSpecs = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Stochastic gradient descent with Batch Normalization Preconditioning.
@@ -32,6 +33,7 @@ def bnp(
     eps1: see :func:`scale_by_bnp`.
     eps2: see :func:`scale_by_bnp`.
     rho: see :func:`scale_by_bnp`.
+    debias: see :func:`scale_by_bnp`.
     layer_specs: see :func:`scale_by_bnp`.
 
   Returns:
@@ -49,7 +51,8 @@ def bnp(
   """
   return optax.chain(
       transform.scale_by_bnp(
-          eps1=eps1, eps2=eps2, rho=rho, layer_specs=layer_specs
+          eps1=eps1, eps2=eps2, rho=rho, debias=debias,
+          layer_specs=layer_specs
       ),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )

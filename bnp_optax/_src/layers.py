@@ -1,83 +1,49 @@
 """Which parameters BNP preconditions, and how their axes are laid out.
 
-Everything that depends on a kernel's layout lives here, in one place:
-:class:`LayerSpec` names the kernel axes that are the convolution window, the
-fan-in features (those the statistics are indexed by) and the outputs (those
-the bias shares). Layers are found in a parameter tree by their ``kernel``
-leaf, as Flax names them; the path of a layer is the path of the mapping that
-holds its ``kernel`` (and ``bias``).
+Everything that depends on a kernel's layout goes through
+:class:`~bnp_optax.LayerSpec`. Layers are found in a parameter tree by their
+``kernel`` leaf, as Flax names them; the path of a layer is the path of the
+mapping that holds its ``kernel`` (and ``bias``), written ``'Block_0/Dense_1'``.
 """
 
 from collections.abc import Mapping
 import dataclasses
-import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import optax
 
 from bnp_optax._src import statistics
+from bnp_optax._src.statistics import LayerSpec
 
 KERNEL = 'kernel'
 BIAS = 'bias'
 PathTuple = tuple[str, ...]
+LayerSpecs = Mapping[str, LayerSpec] | None
 
-
-class LayerSpec(NamedTuple):
-  """Layout of a preconditioned layer's kernel.
-
-  Attributes:
-    spatial_axes: kernel axes that span the convolution window, ``()`` for a
-      Dense layer. A Flax ``Conv`` kernel is ``(*window, c_in, c_out)``, so
-      its spatial axes are all but the last two.
-    fan_in_axes: kernel axes indexed by input features; the layer's
-      statistics have the shape of these axes. ``(0,)`` for a Flax ``Dense``
-      kernel ``(n_in, n_out)``; ``(ndim - 2,)`` for a ``Conv`` kernel.
-
-  The remaining axes are output axes; the bias, when there is one, has their
-  shape.
-  """
-
-  spatial_axes: tuple[int, ...]
-  fan_in_axes: tuple[int, ...]
-
-  @property
-  def kind(self) -> str:
-    return 'conv' if self.spatial_axes else 'dense'
-
-  def output_axes(self, ndim: int) -> tuple[int, ...]:
-    taken = set(self.spatial_axes) | set(self.fan_in_axes)
-    return tuple(a for a in range(ndim) if a not in taken)
-
-
-DENSE = LayerSpec(spatial_axes=(), fan_in_axes=(0,))
-
-
-def conv_spec(kernel_ndim: int) -> LayerSpec:
-  """The layout of a Flax ``Conv`` kernel ``(*window, c_in, c_out)``."""
-  return LayerSpec(
-      spatial_axes=tuple(range(kernel_ndim - 2)),
-      fan_in_axes=(kernel_ndim - 2,),
-  )
+_LAYOUT_HINT = (
+    'Kernels that are not laid out as a Flax Dense (n_in, n_out) or Conv '
+    '(*window, c_in, c_out) kernel (DenseGeneral/LinearGeneral with several '
+    'axes, grouped convolutions) need their layout when the optimizer is '
+    'created: scale_by_bnp(layer_specs=bnp_optax.linen.layer_specs(model, '
+    'variables, x)) or layer_specs=bnp_optax.nnx.layer_specs(model).'
+)
 
 
 def infer_layer_spec(kernel_shape: tuple[int, ...]) -> LayerSpec | None:
   """Flax's conventions: 2-D kernels are Dense, higher ones Conv."""
   if len(kernel_shape) == 2:
-    return DENSE
+    return statistics.DENSE
   if len(kernel_shape) >= 3:
-    return conv_spec(len(kernel_shape))
+    return statistics.conv_spec(len(kernel_shape))
   return None
-
-
-LayerSpecs = Mapping[str, LayerSpec] | None
 
 
 def path_to_str(path: PathTuple) -> str:
   return '/'.join(path) if path else '<root>'
 
 
-def key_to_str(key: Any) -> str:
+def _key_to_str(key: Any) -> str:
   if isinstance(key, jax.tree_util.DictKey):
     return str(key.key)
   if isinstance(key, jax.tree_util.GetAttrKey):
@@ -90,7 +56,39 @@ def key_to_str(key: Any) -> str:
 
 
 def key_path_to_tuple(key_path) -> PathTuple:
-  return tuple(key_to_str(k) for k in key_path)
+  """Path of strings; the ``.value`` of an NNX ``Variable`` is dropped."""
+  keys = list(key_path)
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and (
+      keys[-1].name == 'value'
+  ):
+    keys = keys[:-1]
+  return tuple(_key_to_str(k) for k in keys)
+
+
+def check_spec(name: str, spec: LayerSpec, kernel_shape) -> LayerSpec:
+  """Validates ``spec`` against the kernel and makes its axes non-negative."""
+  ndim = len(kernel_shape)
+  groups = (spec.spatial_axes, spec.fan_in_axes, spec.independent_axes)
+  flat = [a for axes in groups for a in axes]
+  if not spec.fan_in_axes or any(not -ndim <= a < ndim for a in flat):
+    raise ValueError(
+        f'layer {name!r}: {spec} does not fit its kernel of shape '
+        f'{tuple(kernel_shape)} (needs fan-in axes, all within the kernel).'
+    )
+  spec = LayerSpec(*(tuple(a % ndim for a in axes) for axes in groups),
+                   spec.feature_groups)
+  flat = spec.spatial_axes + spec.fan_in_axes + spec.independent_axes
+  if len(set(flat)) != len(flat):
+    raise ValueError(f'layer {name!r}: {spec} uses a kernel axis twice.')
+  if spec.feature_groups > 1:
+    out = spec.output_axes(ndim)
+    if len(out) != 1 or kernel_shape[out[0]] % spec.feature_groups:
+      raise ValueError(
+          f'layer {name!r}: feature_groups={spec.feature_groups} needs one '
+          'output axis divisible by it; kernel shape '
+          f'{tuple(kernel_shape)}.'
+      )
+  return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,20 +100,11 @@ class Layer:
   kernel_index: int
   bias_index: int | None
   kernel_shape: tuple[int, ...]
+  explicit_spec: bool = False
 
   @property
   def name(self) -> str:
     return path_to_str(self.path)
-
-  @property
-  def statistics_shape(self) -> tuple[int, ...]:
-    return tuple(self.kernel_shape[a] for a in self.spec.fan_in_axes)
-
-  @property
-  def fan_in_size(self) -> int:
-    """``n_in`` for Dense, ``k^2 c_in`` for a 2-D Conv: rows of ``w_i``."""
-    axes = self.spec.spatial_axes + self.spec.fan_in_axes
-    return math.prod(self.kernel_shape[a] for a in axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,25 +126,6 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def _spec_for(
-    name: str, kernel_shape: tuple[int, ...], layer_specs: LayerSpecs
-) -> LayerSpec | None:
-  if layer_specs is not None and name in layer_specs:
-    spec = layer_specs[name]
-    ndim = len(kernel_shape)
-    axes = spec.spatial_axes + spec.fan_in_axes
-    if any(not -ndim <= a < ndim for a in axes):
-      raise ValueError(
-          f'layer_specs[{name!r}] = {spec} names axes outside the kernel of '
-          f'shape {kernel_shape}.'
-      )
-    return LayerSpec(
-        tuple(a % ndim for a in spec.spatial_axes),
-        tuple(a % ndim for a in spec.fan_in_axes),
-    )
-  return infer_layer_spec(kernel_shape)
-
-
 def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   """Flattens ``tree`` and finds every layer that BNP would precondition.
 
@@ -164,7 +134,7 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   ``optax.masked`` replaced by ``MaskedNode`` are recorded as masked.
 
   Args:
-    tree: parameters or gradients.
+    tree: parameters or gradients (NNX ``State`` of ``Variable``s too).
     layer_specs: optional overrides of the inferred :class:`LayerSpec`, keyed
       by layer path (``'Block_0/Dense_1'``).
 
@@ -180,11 +150,11 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   for index, path in enumerate(leaf_paths):
     if path:
       children.setdefault(path[:-1], {})[path[-1]] = index
-  layers = {}
   masked = set()
   for leaf, path in zip(leaves, leaf_paths):
     if _is_masked(leaf):
       masked.add(path[:-1] if path and path[-1] == KERNEL else path)
+  layers = {}
   for parent, names in children.items():
     if KERNEL not in names:
       continue
@@ -193,13 +163,18 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
     if _is_masked(kernel):
       continue
     shape = tuple(getattr(kernel, 'shape', ()))
-    spec = _spec_for(name, shape, layer_specs)
+    explicit = layer_specs is not None and name in layer_specs
+    if explicit:
+      spec = check_spec(name, layer_specs[name], shape)
+    else:
+      spec = infer_layer_spec(shape)
     if spec is None:
       continue
     bias_index = names.get(BIAS)
     if bias_index is not None and _is_masked(leaves[bias_index]):
       bias_index = None
-    layers[name] = Layer(parent, spec, names[KERNEL], bias_index, shape)
+    layers[name] = Layer(parent, spec, names[KERNEL], bias_index, shape,
+                         explicit)
   if layer_specs is not None:
     masked_names = {path_to_str(m) for m in masked}
     unknown = sorted(set(layer_specs) - set(layers) - masked_names)
@@ -226,7 +201,7 @@ def flatten_layer_stats(
       raise TypeError(
           f'layer_stats[{name!r}] is a {type(leaf).__name__}, not a '
           'bnp_optax.LayerStats; pass the layer_stats returned by '
-          'bnp_optax.linen.apply unchanged.'
+          'bnp_optax.linen.apply (or bnp_optax.nnx.apply) unchanged.'
       )
     result[name] = leaf
   return result
@@ -235,11 +210,16 @@ def flatten_layer_stats(
 def match_statistics(
     tree: ParameterTree,
     stats: Mapping[str, statistics.LayerStats],
-) -> None:
-  """Raises if statistics and preconditioned layers do not correspond.
+) -> dict[str, LayerSpec]:
+  """Pairs statistics with preconditioned layers; raises if they disagree.
 
-  Every layer needs statistics whose shape is the kernel's fan-in shape, and
-  every statistic needs a layer (or a layer that ``optax.masked`` excluded).
+  Every layer needs statistics whose shape fits its kernel, and every
+  statistic needs a layer (or a layer that ``optax.masked`` excluded). The
+  layout recorded with the statistics (by the integration that measured the
+  layer) takes precedence over the one inferred from the kernel's shape.
+
+  Returns:
+    ``{layer path: LayerSpec}``, the layout to precondition each layer with.
   """
   missing = sorted(set(tree.layers) - set(stats))
   if missing:
@@ -247,9 +227,10 @@ def match_statistics(
     raise ValueError(
         'scale_by_bnp: no statistics in layer_stats for the layers '
         f'{missing} (kernel shapes {shapes}). Every parameter subtree with a '
-        "'kernel' is preconditioned: collect its input statistics (e.g. run "
-        'the model with bnp_optax.linen.apply), or exclude it from BNP with '
-        'optax.masked / optax.partition.'
+        "'kernel' is preconditioned: collect its input statistics (run the "
+        'model with bnp_optax.linen.apply or bnp_optax.nnx.apply; layer '
+        'types they do not know can be registered with register_layer), or '
+        'exclude it from BNP with optax.masked / optax.partition.'
     )
   orphans = sorted(
       name
@@ -262,18 +243,27 @@ def match_statistics(
         "gradients have no 'kernel' at those paths. Known layers: "
         f'{sorted(tree.layers)}.'
     )
+  specs = {}
   for name, layer in tree.layers.items():
     s = stats[name]
-    expected = layer.statistics_shape
+    spec = layer.spec
+    if s.spec is not None:
+      measured = check_spec(name, s.spec, layer.kernel_shape)
+      if layer.explicit_spec and measured != spec:
+        raise ValueError(
+            f'scale_by_bnp: layer {name!r}: layer_specs gives {spec} but the '
+            f'layer was measured as {measured}.'
+        )
+      spec = measured
+    expected = spec.statistics_shape(layer.kernel_shape)
     for field in ('mean', 'variance'):
       got = tuple(getattr(s, field).shape)
       if got != expected:
         raise ValueError(
             f'scale_by_bnp: layer {name!r}: statistics {field} has shape '
-            f'{got} but its {layer.spec.kind} kernel of shape '
-            f'{layer.kernel_shape} has fan-in shape {expected}. If this layer '
-            'is not laid out as Flax Dense/Conv, give its LayerSpec in '
-            'layer_specs.'
+            f'{got} but its {spec.kind} kernel of shape '
+            f'{layer.kernel_shape} has fan-in shape {expected}. '
+            + _LAYOUT_HINT
         )
     for field in ('count', 'batch_size', 'positions'):
       if getattr(s, field).shape != ():
@@ -283,16 +273,24 @@ def match_statistics(
         )
     if layer.bias_index is not None:
       bias_shape = tuple(getattr(tree.leaves[layer.bias_index], 'shape', ()))
-      out_shape = tuple(
-          layer.kernel_shape[a]
-          for a in layer.spec.output_axes(len(layer.kernel_shape))
-      )
-      if bias_shape != out_shape:
+      want = spec.bias_shape(layer.kernel_shape)
+      if bias_shape != want:
         raise ValueError(
             f'scale_by_bnp: layer {name!r}: bias shape {bias_shape} does not '
-            f'match the output axes {out_shape} of its kernel '
+            f'match the output axes {want} of its kernel '
             f'{layer.kernel_shape}.'
         )
+    specs[name] = spec
+  return specs
+
+
+def state_mismatch_message(name, state_shape, spec, kernel_shape) -> str:
+  return (
+      f'scale_by_bnp: layer {name!r}: the optimizer state holds statistics '
+      f'of shape {tuple(state_shape)}, but the layer, a {spec.kind} kernel '
+      f'{tuple(kernel_shape)} laid out as {spec}, needs '
+      f'{spec.statistics_shape(kernel_shape)}. ' + _LAYOUT_HINT
+  )
 
 
 def describe_coverage(
@@ -306,8 +304,8 @@ def describe_coverage(
   Args:
     params: the parameter tree, as given to ``tx.init``.
     layer_stats: optional statistics, as given to ``tx.update``; when given,
-      they are checked against the parameters and a mismatch raises the same
-      error as ``update`` would.
+      they are checked against the parameters (a mismatch raises the same
+      error as ``update`` would) and their recorded layouts are used.
     layer_specs: the ``layer_specs`` given to :func:`scale_by_bnp`, if any.
 
   Returns:
@@ -328,13 +326,15 @@ def describe_coverage(
     LayerNorm_0/scale: pass-through
   """
   tree = parse_tree(params, layer_specs)
+  specs = {name: layer.spec for name, layer in tree.layers.items()}
   if layer_stats is not None:
-    match_statistics(tree, flatten_layer_stats(layer_stats))
+    specs = match_statistics(tree, flatten_layer_stats(layer_stats))
   roles = {}
-  for layer in tree.layers.values():
-    roles[layer.kernel_index] = f'{layer.spec.kind} kernel'
+  for name, layer in tree.layers.items():
+    kind = specs[name].kind
+    roles[layer.kernel_index] = f'{kind} kernel'
     if layer.bias_index is not None:
-      roles[layer.bias_index] = f'{layer.spec.kind} bias'
+      roles[layer.bias_index] = f'{kind} bias'
   result = {}
   for index, path in enumerate(tree.leaf_paths):
     if _is_masked(tree.leaves[index]):
@@ -343,4 +343,3 @@ def describe_coverage(
       role = roles.get(index, 'pass-through')
     result[path_to_str(path)] = role
   return result
-

@@ -1,14 +1,16 @@
 """Collects the input statistics of Flax linen Dense and Conv layers.
 
 The statistics are taken in the user's own forward pass by a method
-interceptor (``nn.intercept_methods``): when a ``Dense`` or ``Conv`` module's
-``__call__`` runs, the interceptor reduces its input to a
-:class:`~bnp_optax.LayerStats` (under ``stop_gradient``) and sows it into a
-private collection, which :func:`apply` makes mutable and returns. The model's
-code is not changed, no extra forward pass runs and no activation is kept.
+interceptor (``nn.intercept_methods``): when a registered module's
+``__call__`` runs (``Dense``, ``DenseGeneral``, ``Conv`` and their subclasses,
+and any type given to :func:`register_layer`), the interceptor reduces its
+input to a :class:`~bnp_optax.LayerStats` (under ``stop_gradient``) and sows
+it into a private collection, which :func:`apply` makes mutable and returns.
+The model's code is not changed, no extra forward pass runs and no activation
+is kept.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import math
 from typing import Any
 
@@ -21,66 +23,176 @@ from bnp_optax._src import statistics
 COLLECTION = 'bnp_optax_layer_stats'
 _SOW_NAME = 'input_stats'
 
+StatisticsFn = Callable[
+    [nn.Module, tuple, dict, Any], statistics.LayerStats
+]
 
-def _module_name(module: nn.Module) -> str:
+
+def module_name(module: nn.Module) -> str:
   return layers_lib.path_to_str(tuple(module.path))
 
 
-def _first_input(args, kwargs, module) -> jax.Array:
+def first_input(args: tuple, kwargs: dict, module: Any) -> jax.Array:
+  """The layer input: the first positional argument, or ``inputs=``."""
   if args:
     return args[0]
   if 'inputs' in kwargs:
     return kwargs['inputs']
   raise TypeError(
-      f'bnp_optax: cannot find the input of layer {_module_name(module)!r} '
-      f'({type(module).__name__}); expected it as the first argument or as '
-      '`inputs=`.'
+      f'bnp_optax: cannot find the input of layer {module!r}; expected it as '
+      'the first argument or as `inputs=`.'
   )
 
 
-def _dense_statistics(module: nn.Dense, x: jax.Array) -> statistics.LayerStats:
-  return statistics.input_statistics(
-      x, num_batch_axes=x.ndim - 1, positions=1
-  )
+def _dense(module: nn.Dense, args, kwargs, outputs) -> statistics.LayerStats:
+  del outputs
+  x = first_input(args, kwargs, module)
+  return statistics.input_statistics(x, spec=statistics.DENSE)
 
 
-def _conv_statistics(
-    module: nn.Conv, x: jax.Array, y: jax.Array
+def dense_general_statistics(
+    x: jax.Array, axis, batch_dims
 ) -> statistics.LayerStats:
-  if module.feature_group_count != 1:
-    raise NotImplementedError(
-        f'bnp_optax: layer {_module_name(module)!r} is a grouped convolution '
-        f'(feature_group_count={module.feature_group_count}), which BNP does '
-        'not support yet; exclude it with optax.masked.'
-    )
-  kernel_size = module.kernel_size
-  num_spatial = 1 if isinstance(kernel_size, int) else len(kernel_size)
+  """Statistics of a DenseGeneral/LinearGeneral input (shared with NNX)."""
+  axis = tuple(a % x.ndim for a in (axis if isinstance(axis, (tuple, list))
+                                    else (axis,)))
+  batch_dims = tuple(a % x.ndim for a in batch_dims)
+  spec = statistics.dense_general_spec(len(batch_dims), len(axis))
+  if len(axis) == 1 and not batch_dims:
+    spec = statistics.DENSE
+  return statistics.input_statistics(
+      x, feature_axes=batch_dims + axis, spec=spec
+  )
+
+
+def _dense_general(module, args, kwargs, outputs) -> statistics.LayerStats:
+  del outputs
+  x = first_input(args, kwargs, module)
+  batch_dims = module.batch_dims
+  if isinstance(batch_dims, int):
+    batch_dims = (batch_dims,)
+  return dense_general_statistics(x, module.axis, tuple(batch_dims))
+
+
+def conv_statistics(
+    x: jax.Array, y: jax.Array, num_spatial: int, feature_groups: int
+) -> statistics.LayerStats:
+  """Statistics of a Conv input, per channel over batch and space."""
   num_batch_axes = max(x.ndim - num_spatial - 1, 0)
   positions = math.prod(y.shape[y.ndim - num_spatial - 1 : -1])
   return statistics.input_statistics(
-      x, num_batch_axes=num_batch_axes, positions=positions
+      x,
+      batch_axes=tuple(range(num_batch_axes)),
+      positions=positions,
+      spec=statistics.conv_spec(num_spatial + 2, feature_groups),
   )
+
+
+def _conv(module: nn.Conv, args, kwargs, outputs) -> statistics.LayerStats:
+  x = first_input(args, kwargs, module)
+  kernel_size = module.kernel_size
+  num_spatial = 1 if isinstance(kernel_size, int) else len(kernel_size)
+  return conv_statistics(x, outputs, num_spatial, module.feature_group_count)
+
+
+def _unsupported(reason: str) -> StatisticsFn:
+  def refuse(module, args, kwargs, outputs):
+    del args, kwargs, outputs
+    raise NotImplementedError(
+        f'bnp_optax: layer {module_name(module)!r} is a '
+        f'{type(module).__name__}, which BNP does not support ({reason}); '
+        'exclude it from BNP with optax.masked, or register statistics for '
+        'it with bnp_optax.linen.register_layer.'
+    )
+  return refuse
+
+
+# Most specific types first: the first isinstance match wins.
+_REGISTRY: list[tuple[type, StatisticsFn]] = [
+    (nn.ConvTranspose, _unsupported(
+        'a transposed convolution sees a zero-dilated input')),
+    (nn.ConvLocal, _unsupported('its kernel differs at every position')),
+    (nn.Dense, _dense),
+    (nn.DenseGeneral, _dense_general),
+    (nn.Conv, _conv),
+]
+
+
+def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
+  """Teaches :func:`apply` the input statistics of a module type.
+
+  The module's parameters must be named ``kernel`` (and ``bias``, if any),
+  as Flax's own layers name them. ``statistics_fn(module, args, kwargs,
+  outputs)`` receives the module and the arguments and result of its
+  ``__call__`` and returns the statistics of the input, usually with
+  :func:`bnp_optax.input_statistics`, whose ``feature_axes`` say which input
+  axes are the fan-in (and ``spec`` which kernel axes they are).
+
+  Args:
+    module_type: a ``flax.linen.Module`` subclass; registering a type again
+      replaces its function. It takes precedence over the built-in types, so
+      a subclass of ``nn.Dense`` can be measured differently.
+    statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> import jax, jax.numpy as jnp
+    >>> import bnp_optax
+    >>> class Affine(nn.Module):  # y = x @ kernel + bias, kernel (n_in, n_out)
+    ...   features: int
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     kernel = self.param('kernel', nn.initializers.lecun_normal(),
+    ...                         (x.shape[-1], self.features))
+    ...     bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    ...     return x @ kernel + bias[None, :]
+    >>> bnp_optax.linen.register_layer(
+    ...     Affine, lambda module, args, kwargs, outputs:
+    ...     bnp_optax.input_statistics(args[0]))
+    >>> model = Affine(2)
+    >>> x = jnp.ones((4, 3))
+    >>> _, stats = bnp_optax.linen.apply(model, model.init(jax.random.key(0), x), x)
+    >>> stats.mean.shape
+    (3,)
+  """
+  if not (isinstance(module_type, type) and issubclass(module_type,
+                                                        nn.Module)):
+    raise TypeError(
+        f'register_layer: {module_type!r} is not a flax.linen.Module type.'
+    )
+  _REGISTRY[:] = [(t, f) for t, f in _REGISTRY if t is not module_type]
+  _REGISTRY.insert(0, (module_type, statistics_fn))
+
+
+def _statistics_fn(module: nn.Module) -> StatisticsFn | None:
+  for module_type, fn in _REGISTRY:
+    if isinstance(module, module_type):
+      return fn
+  return None
 
 
 def _record_input_statistics(next_fun, args, kwargs, context):
   module = context.module
-  if context.method_name != '__call__' or not isinstance(
-      module, (nn.Dense, nn.Conv)
-  ):
+  fn = None
+  if context.method_name == '__call__':
+    fn = _statistics_fn(module)
+  if fn is None:
     return next_fun(*args, **kwargs)
-  x = _first_input(args, kwargs, module)
-  y = next_fun(*args, **kwargs)
+  outputs = next_fun(*args, **kwargs)
   if module.is_initializing() or not module.is_mutable_collection(COLLECTION):
-    return y
-  if isinstance(module, nn.Dense):
-    stats = _dense_statistics(module, x)
-  else:
-    stats = _conv_statistics(module, x, y)
+    return outputs
+  stats = fn(module, args, kwargs, outputs)
+  if not isinstance(stats, statistics.LayerStats):
+    raise TypeError(
+        f'bnp_optax: the statistics function for layer '
+        f'{module_name(module)!r} returned a {type(stats).__name__}, not a '
+        'LayerStats.'
+    )
   module.sow(COLLECTION, _SOW_NAME, stats)
-  return y
+  return outputs
 
 
-def _collect(tree: Mapping[str, Any]) -> dict[str, Any]:
+def _collect(tree: Mapping[str, Any]) -> Any:
   """Turns the sown collection into ``{name: {...: LayerStats}}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
@@ -94,7 +206,6 @@ def _collect(tree: Mapping[str, Any]) -> dict[str, Any]:
   if _SOW_NAME in tree:
     merged = statistics.merge_statistics(tree[_SOW_NAME])
     if result:
-      # A Dense/Conv subclass with submodules of its own: keep both.
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
           f'supported (submodules {sorted(result)}).'
@@ -108,15 +219,16 @@ def apply(
     variables: Any,
     *args: Any,
     mutable: Any = False,
+    axis_name: Any = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
   """Runs ``model.apply`` and returns its output with the layer statistics.
 
   Use it in place of ``model.apply`` in the loss function; pass the returned
   ``layer_stats`` out as auxiliary output and on to ``tx.update``. It records
-  the input statistics of every ``nn.Dense`` and ``nn.Conv`` (and their
-  subclasses) called in the forward pass, at the same path as the layer's
-  parameters.
+  the input statistics of every ``nn.Dense``, ``nn.DenseGeneral`` and
+  ``nn.Conv`` (and subclasses, and registered types) called in the forward
+  pass, at the same path as the layer's parameters.
 
   Args:
     model: a Flax linen module, unchanged.
@@ -124,13 +236,18 @@ def apply(
     *args: positional arguments of the model call.
     mutable: as for ``model.apply``. When it is not ``False``, ``output`` is
       ``model.apply``'s pair ``(y, mutated_variables)``.
+    axis_name: inside ``shard_map`` or ``pmap`` with the batch split over
+      this mapped axis, combine every device's statistics into those of the
+      global batch (see :func:`bnp_optax.all_reduce_statistics`). Not needed
+      under ``jax.jit`` with a sharded batch, where the statistics are global
+      already.
     **kwargs: other keyword arguments of ``model.apply`` (``rngs``,
       ``method``, ...) and of the model call.
 
   Returns:
     ``(output, layer_stats)``: what ``model.apply`` would return, and a nested
-    dict that mirrors the parameters down to each Dense/Conv layer, whose
-    values are :class:`~bnp_optax.LayerStats`.
+    dict that mirrors the parameters down to each layer, whose values are
+    :class:`~bnp_optax.LayerStats`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -167,6 +284,50 @@ def apply(
   # When the model itself is a Dense/Conv layer this is a bare LayerStats,
   # at the root like its parameters.
   layer_stats = _collect(sown)
+  if axis_name is not None:
+    layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
   if mutable is False or mutable is None:
     return output, layer_stats
   return (output, mutated), layer_stats
+
+
+def layer_specs(
+    model: nn.Module, variables: Any, *args: Any, **kwargs: Any
+) -> dict[str, statistics.LayerSpec]:
+  """The kernel layout of every measured layer, for ``scale_by_bnp``.
+
+  Needed only for layers whose kernel is not laid out as a plain Dense
+  ``(n_in, n_out)`` or Conv ``(*window, c_in, c_out)`` kernel
+  (``DenseGeneral`` with several axes or ``batch_dims``, grouped
+  convolutions), because the optimizer state is created before any statistic
+  is seen. Nothing is computed: the model is only traced (``jax.eval_shape``).
+
+  Args:
+    model: the Flax linen module.
+    variables: its variables (or their shapes).
+    *args: example inputs of the model call (or ``jax.ShapeDtypeStruct``).
+    **kwargs: as for :func:`apply`.
+
+  Returns:
+    ``{layer path: LayerSpec}``, to pass as ``layer_specs=``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import bnp_optax
+    >>> model = nn.DenseGeneral(features=4, axis=(-2, -1))
+    >>> x = jnp.ones((8, 3, 2))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> specs = bnp_optax.linen.layer_specs(model, variables, x)
+    >>> specs['<root>'].fan_in_axes
+    (0, 1)
+    >>> tx = bnp_optax.bnp(0.1, layer_specs=specs)
+  """
+  shapes = jax.eval_shape(
+      lambda v, *a: apply(model, v, *a, **kwargs)[1], variables, *args
+  )
+  return {
+      name: stats.spec
+      for name, stats in layers_lib.flatten_layer_stats(shapes).items()
+      if stats.spec is not None
+  }

@@ -2,11 +2,13 @@
 
 This module is framework-free: it knows arrays, not Flax modules. The Flax
 integrations call :func:`input_statistics` on the input of every Dense and
-Conv layer, and :func:`merge_statistics` when a layer is applied more than
-once in one forward pass.
+Conv layer, :func:`merge_statistics` when a layer is applied more than once in
+one forward pass, and :func:`all_reduce_statistics` to combine devices.
 """
 
 from collections.abc import Sequence
+import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -14,17 +16,109 @@ import jax.numpy as jnp
 from jax import lax
 
 
-class LayerStats(NamedTuple):
+class LayerSpec(NamedTuple):
+  """Layout of a preconditioned layer's kernel.
+
+  Every kernel axis is one of four kinds. The statistics are indexed by the
+  independent and fan-in axes (in that order), the bias by the independent
+  and output axes (in that order).
+
+  Attributes:
+    spatial_axes: axes that span the convolution window, ``()`` for a Dense
+      layer. A Flax ``Conv`` kernel is ``(*window, c_in, c_out)``, so its
+      spatial axes are all but the last two.
+    fan_in_axes: axes indexed by input features: ``(0,)`` for a Flax
+      ``Dense`` kernel ``(n_in, n_out)``, ``(ndim - 2,)`` for a ``Conv``
+      kernel, the contracted axes for ``DenseGeneral``.
+    independent_axes: axes along which each slice of the kernel is a layer of
+      its own, with its own statistics and bias (the ``batch_dims`` of
+      ``DenseGeneral``, the ``batch_axis`` of ``nnx.LinearGeneral``); ``()``
+      for ordinary layers.
+    feature_groups: the ``feature_group_count`` of a grouped (or depthwise)
+      convolution: the fan-in axis holds ``c_in / groups`` channels and the
+      last (output) axis ``groups`` contiguous blocks of ``c_out / groups``;
+      group ``g``'s outputs see input channels ``g c_in / groups`` to
+      ``(g + 1) c_in / groups - 1`` only.
+
+  The remaining axes are output axes.
+  """
+
+  spatial_axes: tuple[int, ...]
+  fan_in_axes: tuple[int, ...]
+  independent_axes: tuple[int, ...] = ()
+  feature_groups: int = 1
+
+  @property
+  def kind(self) -> str:
+    return 'conv' if self.spatial_axes else 'dense'
+
+  def output_axes(self, ndim: int) -> tuple[int, ...]:
+    taken = (
+        set(self.spatial_axes)
+        | set(self.fan_in_axes)
+        | set(self.independent_axes)
+    )
+    return tuple(a for a in range(ndim) if a not in taken)
+
+  def statistics_shape(
+      self, kernel_shape: tuple[int, ...]
+  ) -> tuple[int, ...]:
+    shape = [kernel_shape[a] for a in self.independent_axes]
+    fan_in = [kernel_shape[a] for a in self.fan_in_axes]
+    fan_in[-1] *= self.feature_groups
+    return tuple(shape + fan_in)
+
+  def bias_shape(self, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
+    axes = self.independent_axes + self.output_axes(len(kernel_shape))
+    return tuple(kernel_shape[a] for a in axes)
+
+  def fan_in_size(self, kernel_shape: tuple[int, ...]) -> int:
+    """Rows of one output unit's ``w_i``: ``n_in``, or ``k^2 c_in / groups``."""
+    return math.prod(
+        kernel_shape[a] for a in self.spatial_axes + self.fan_in_axes
+    )
+
+
+DENSE = LayerSpec(spatial_axes=(), fan_in_axes=(0,))
+
+
+def conv_spec(kernel_ndim: int, feature_groups: int = 1) -> LayerSpec:
+  """The layout of a Flax ``Conv`` kernel ``(*window, c_in / groups, c_out)``."""
+  return LayerSpec(
+      spatial_axes=tuple(range(kernel_ndim - 2)),
+      fan_in_axes=(kernel_ndim - 2,),
+      feature_groups=feature_groups,
+  )
+
+
+def dense_general_spec(
+    num_batch_dims: int, num_contracted: int
+) -> LayerSpec:
+  """The layout of a ``DenseGeneral`` kernel ``(*batch, *in, *out)``."""
+  return LayerSpec(
+      spatial_axes=(),
+      fan_in_axes=tuple(
+          range(num_batch_dims, num_batch_dims + num_contracted)
+      ),
+      independent_axes=tuple(range(num_batch_dims)),
+  )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
   """Statistics of one layer's inputs over one forward pass.
 
   The mean and the biased (``1/count``) variance are taken per input feature
   (Dense) or per input channel (Conv, over the batch and every spatial
   position, the paper's Eqs. 21-22). The three scalars say how much data they
-  summarise; they are stored as float arrays so that they can be summed and
-  averaged across devices and repeated calls.
+  summarise; they are float arrays so that they can be summed and averaged
+  across devices and repeated calls. ``spec``, static, is the layout of the
+  layer's kernel as the integration that measured it knows it.
 
   Attributes:
-    mean: per-feature mean, shape ``(n_in,)`` (or the fan-in shape).
+    mean: per-feature mean, shape ``(n_in,)`` (in general the independent
+      and fan-in shape of the kernel, see :class:`LayerSpec`).
     variance: per-feature biased variance, same shape as ``mean``.
     count: number of values averaged per feature: ``N`` for a Dense layer,
       ``N * r_in * s_in`` for a Conv layer.
@@ -35,6 +129,7 @@ class LayerStats(NamedTuple):
       a 2-D convolution (the positions at which the kernel is applied, so the
       output size for strided or VALID convolutions), ``1`` for Dense. Used
       for ``q``.
+    spec: the kernel layout, or ``None`` to let the optimizer infer it.
   """
 
   mean: jax.Array
@@ -42,6 +137,12 @@ class LayerStats(NamedTuple):
   count: jax.Array
   batch_size: jax.Array
   positions: jax.Array
+  spec: LayerSpec | None = dataclasses.field(
+      default=None, metadata=dict(static=True)
+  )
+
+  def replace(self, **changes) -> 'LayerStats':
+    return dataclasses.replace(self, **changes)
 
 
 def statistics_dtype(dtype) -> jnp.dtype:
@@ -52,10 +153,12 @@ def statistics_dtype(dtype) -> jnp.dtype:
 def input_statistics(
     inputs: jax.Array,
     *,
-    num_batch_axes: int,
-    positions: int,
+    feature_axes: Sequence[int] = (-1,),
+    batch_axes: Sequence[int] | None = None,
+    positions: int = 1,
+    spec: LayerSpec | None = None,
 ) -> LayerStats:
-  """Mean and biased variance of ``inputs`` over all axes but the last.
+  """Mean and biased variance of ``inputs`` over all but the feature axes.
 
   The reduction is one pass over the data, shifted by the first row so that a
   large mean with a small spread keeps its variance (the naive
@@ -63,18 +166,33 @@ def input_statistics(
   No gradient flows through the statistics.
 
   Args:
-    inputs: the layer input, features (or channels) on the last axis.
-    num_batch_axes: how many leading axes are batch axes; the remaining
-      middle axes are spatial.
+    inputs: the layer input.
+    feature_axes: the axes kept, in the order of the statistics' shape (the
+      last axis for Dense and Conv inputs).
+    batch_axes: the axes whose product is the batch size ``N``; ``None``
+      means every reduced axis (right for Dense layers).
     positions: output spatial positions per example (1 for Dense).
+    spec: the layer's kernel layout, recorded in the result.
 
   Returns:
     The :class:`LayerStats` of ``inputs``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import bnp_optax
+    >>> x = jnp.array([[1., 10.], [3., 10.]])
+    >>> stats = bnp_optax.input_statistics(x)
+    >>> print(stats.mean, stats.variance, stats.batch_size)
+    [ 2. 10.] [1. 0.] 2.0
   """
   dtype = statistics_dtype(inputs.dtype)
   x = lax.stop_gradient(inputs).astype(dtype)
-  num_features = x.shape[-1]
-  rows = x.reshape(-1, num_features)
+  ndim = x.ndim
+  kept = [a % ndim for a in feature_axes]
+  reduced = [a for a in range(ndim) if a not in kept]
+  x = jnp.transpose(x, reduced + kept)
+  feature_shape = x.shape[len(reduced):]
+  rows = x.reshape(-1, math.prod(feature_shape))
   count = rows.shape[0]
   if count == 0:
     raise ValueError('cannot take statistics of an empty batch')
@@ -83,17 +201,26 @@ def input_statistics(
   mean_centred = jnp.mean(centred, axis=0)
   mean_square_centred = jnp.mean(jnp.square(centred), axis=0)
   variance = jnp.maximum(mean_square_centred - jnp.square(mean_centred), 0)
-  batch_size = 1
-  for size in x.shape[:num_batch_axes]:
-    batch_size *= size
+  if batch_axes is None:
+    batch_size = count
+  else:
+    batch_size = math.prod(inputs.shape[a] for a in batch_axes)
   scalar = lambda v: jnp.asarray(v, jnp.float32)
   return LayerStats(
-      mean=shift + mean_centred,
-      variance=variance,
+      mean=(shift + mean_centred).reshape(feature_shape),
+      variance=variance.reshape(feature_shape),
       count=scalar(count),
       batch_size=scalar(batch_size),
       positions=scalar(positions),
+      spec=spec,
   )
+
+
+def _common_spec(stats: Sequence[LayerStats]) -> LayerSpec | None:
+  specs = {s.spec for s in stats if s.spec is not None}
+  if len(specs) > 1:
+    raise ValueError(f'cannot merge statistics of different layouts {specs}')
+  return specs.pop() if specs else None
 
 
 def merge_statistics(stats: Sequence[LayerStats]) -> LayerStats:
@@ -103,7 +230,8 @@ def merge_statistics(stats: Sequence[LayerStats]) -> LayerStats:
   variance (within-call variance plus the spread of the call means), so the
   result equals the statistics of all the calls' inputs taken together.
   Batch sizes add up (every call contributes rows to the layer's Hessian);
-  positions are averaged, weighted by batch size.
+  positions are averaged, weighted by batch size. Statistics with a zero
+  count (an empty accumulator) contribute nothing.
 
   Args:
     stats: the statistics of each call, all with the same shapes.
@@ -112,13 +240,57 @@ def merge_statistics(stats: Sequence[LayerStats]) -> LayerStats:
     One :class:`LayerStats` for all the calls.
   """
   stats = list(stats)
+  spec = _common_spec(stats)
   if len(stats) == 1:
-    return stats[0]
+    return stats[0].replace(spec=spec)
   total = sum(s.count for s in stats)
-  mean = sum(s.count * s.mean for s in stats) / total
+  safe_total = jnp.maximum(total, 1)
+  mean = sum(s.count * s.mean for s in stats) / safe_total
   variance = sum(
       s.count * (s.variance + jnp.square(s.mean - mean)) for s in stats
-  ) / total
+  ) / safe_total
   batch_size = sum(s.batch_size for s in stats)
-  positions = sum(s.batch_size * s.positions for s in stats) / batch_size
-  return LayerStats(mean, variance, total, batch_size, positions)
+  positions = sum(s.batch_size * s.positions for s in stats) / jnp.maximum(
+      batch_size, 1
+  )
+  return LayerStats(mean, variance, total, batch_size, positions, spec)
+
+
+def all_reduce_statistics(stats, axis_name) -> object:
+  """Combines per-device statistics into those of the global batch.
+
+  For use inside ``shard_map``/``pmap`` (or any collective context) with the
+  batch split over ``axis_name``. Means are weighted by counts and variances
+  combined by the law of total variance, so the result is exactly the
+  statistics of the concatenated batch (to float rounding), not a mean of
+  per-device variances. Batch sizes add up.
+
+  Args:
+    stats: a tree of :class:`LayerStats` (as returned by
+      ``bnp_optax.linen.apply``).
+    axis_name: the mapped axis (or tuple of axes) the batch is split over.
+
+  Returns:
+    The same tree, every device holding the global statistics.
+  """
+  is_stats = lambda x: isinstance(x, LayerStats)
+
+  def reduce_one(s: LayerStats) -> LayerStats:
+    total, weighted_mean, batch_size, weighted_positions = lax.psum(
+        (s.count, s.count * s.mean, s.batch_size, s.batch_size * s.positions),
+        axis_name,
+    )
+    mean = weighted_mean / total
+    spread = lax.psum(
+        s.count * (s.variance + jnp.square(s.mean - mean)), axis_name
+    )
+    return LayerStats(
+        mean=mean,
+        variance=spread / total,
+        count=total,
+        batch_size=batch_size,
+        positions=weighted_positions / batch_size,
+        spec=s.spec,
+    )
+
+  return jax.tree.map(reduce_one, stats, is_leaf=is_stats)

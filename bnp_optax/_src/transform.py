@@ -58,12 +58,16 @@ def _check_hyperparameters(eps1, eps2, rho) -> None:
       raise ValueError(f'scale_by_bnp: rho must be in [0, 1), got {rho}.')
 
 
-def _broadcast_shape(kernel_ndim: int, axes: tuple[int, ...], shape) -> list:
-  """Shape that broadcasts a fan-in-shaped vector against the kernel."""
-  out = [1] * kernel_ndim
-  for axis, size in zip(axes, shape):
-    out[axis] = size
-  return out
+def _place(
+    vector: jax.Array, positions: tuple[int, ...], view_shape: tuple[int, ...]
+) -> jax.Array:
+  """Broadcasts ``vector``, whose dims sit at kernel ``positions``, to the kernel."""
+  order = sorted(range(len(positions)), key=lambda i: positions[i])
+  vector = jnp.transpose(vector, order)
+  shape = [1] * len(view_shape)
+  for dim, position in zip(vector.shape, sorted(positions)):
+    shape[position] = dim
+  return vector.reshape(shape)
 
 
 def update_running_stats(
@@ -112,13 +116,30 @@ def update_running_stats(
   )
 
 
+def debiased(
+    running: RunningStats, rho: chex.Numeric, count: jax.Array
+) -> RunningStats:
+  r"""Removes the pull of the initial ``mu = 0, sigma^2 = 1`` (as Adam does).
+
+  After ``t`` updates the running averages are
+  ``rho^t init + (1 - rho) sum_k rho^(t-k) x_k``; the estimate
+  ``(running - rho^t init) / (1 - rho^t)`` weights the observations alone.
+  """
+  dtype = running.mean.dtype
+  decay = jnp.asarray(rho, dtype) ** count.astype(dtype)
+  weight = 1 - decay
+  return RunningStats(
+      mean=running.mean / weight,
+      variance=jnp.maximum((running.variance - decay) / weight, 0),
+  )
+
+
 def precondition_layer(
     kernel_grad: jax.Array,
     bias_grad: jax.Array | None,
     running: RunningStats,
-    spec: layers_lib.LayerSpec,
+    spec: statistics.LayerSpec,
     *,
-    fan_in_size: int,
     batch_size: jax.Array,
     positions: jax.Array,
     eps1: chex.Numeric,
@@ -139,38 +160,69 @@ def precondition_layer(
   the sum running over the window and fan-in axes, with the new ``G_w``.
   ``n_in`` is the fan-in size (``k^2 c_in`` for a convolution) and ``r s = 1``
   for a Dense layer, which gives the paper's ``q^2 = max(n_in / N, 1)``.
-  Without a bias there is nothing to absorb the centring: the kernel gradient
-  is only scaled, ``G_w / \tilde\sigma^2 / q^2``.
+  The maximum is taken over each output unit's inputs: over the layer's
+  fan-in, per group for a grouped convolution and per slice along
+  independent axes. Without a bias there is nothing to absorb the centring:
+  the kernel gradient is only scaled, ``G_w / \tilde\sigma^2 / q^2``.
 
   Returns:
     The preconditioned kernel and bias gradients, in their own dtypes.
   """
   dtype = running.mean.dtype
-  ndim = kernel_grad.ndim
-  shape = _broadcast_shape(ndim, spec.fan_in_axes, running.mean.shape)
-  mean = running.mean.reshape(shape)
-  variance = running.variance.reshape(shape)
+  kernel_shape = kernel_grad.shape
+  ndim = len(kernel_shape)
+  spatial, fan_in = spec.spatial_axes, spec.fan_in_axes
+  independent = spec.independent_axes
+  outputs = spec.output_axes(ndim)
+  mean, variance = running.mean, running.variance
+  view_shape = tuple(kernel_shape)
+  if spec.feature_groups > 1:
+    # View the output axis as (groups, outputs per group); the group axis is
+    # independent: each group has its own input channels.
+    groups, (axis,) = spec.feature_groups, outputs
+    view_shape = (
+        kernel_shape[:axis]
+        + (groups, kernel_shape[axis] // groups)
+        + kernel_shape[axis + 1 :]
+    )
+    moved = lambda axes: tuple(a if a < axis else a + 1 for a in axes)
+    spatial, fan_in = moved(spatial), moved(fan_in)
+    independent = moved(independent) + (axis,)
+    outputs = (axis + 1,)
+    stats_shape = mean.shape[:-1] + (groups, mean.shape[-1] // groups)
+    mean, variance = mean.reshape(stats_shape), variance.reshape(stats_shape)
+  stats_positions = independent + fan_in
+  fan_in_dims = tuple(range(len(independent), len(stats_positions)))
   eps1 = jnp.asarray(eps1, dtype)
   eps2 = jnp.asarray(eps2, dtype)
-  regularised = variance + eps1 * jnp.max(running.variance) + eps2
+  largest = jnp.max(variance, axis=fan_in_dims, keepdims=True)
+  regularised = variance + eps1 * largest + eps2
   q_squared = jnp.maximum(
-      fan_in_size / batch_size.astype(dtype),
+      spec.fan_in_size(kernel_shape) / batch_size.astype(dtype),
       jnp.sqrt(positions.astype(dtype)),
   )
-  inverse = 1 / (regularised * q_squared)
-  g_w = kernel_grad.astype(dtype)
+  inverse = _place(1 / (regularised * q_squared), stats_positions, view_shape)
+  g_w = kernel_grad.astype(dtype).reshape(view_shape)
   if bias_grad is None:
-    return (g_w * inverse).astype(kernel_grad.dtype), None
-  output_axes = spec.output_axes(ndim)
-  g_b = bias_grad.astype(dtype)
-  g_b_wide = g_b.reshape(
-      _broadcast_shape(ndim, output_axes, bias_grad.shape)
+    new_g_w = g_w * inverse
+    return new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype), None
+  bias_positions = independent + outputs
+  bias_view = tuple(view_shape[a] for a in bias_positions)
+  g_b = bias_grad.astype(dtype).reshape(bias_view)
+  wide_mean = _place(mean, stats_positions, view_shape)
+  new_g_w = (g_w - wide_mean * _place(g_b, bias_positions, view_shape)) * (
+      inverse
   )
-  new_g_w = (g_w - mean * g_b_wide) * inverse
-  reduce_axes = spec.spatial_axes + spec.fan_in_axes
-  absorbed = jnp.sum(mean * new_g_w, axis=reduce_axes)
-  new_g_b = g_b / q_squared - absorbed.reshape(bias_grad.shape)
-  return new_g_w.astype(kernel_grad.dtype), new_g_b.astype(bias_grad.dtype)
+  absorbed = jnp.sum(wide_mean * new_g_w, axis=spatial + fan_in)
+  ascending = sorted(bias_positions)
+  absorbed = jnp.transpose(
+      absorbed, [ascending.index(p) for p in bias_positions]
+  )
+  new_g_b = g_b / q_squared - absorbed
+  return (
+      new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype),
+      new_g_b.reshape(bias_grad.shape).astype(bias_grad.dtype),
+  )
 
 
 def scale_by_bnp(
@@ -178,6 +230,7 @@ def scale_by_bnp(
     eps1: chex.Numeric = DEFAULT_EPS1,
     eps2: chex.Numeric = DEFAULT_EPS2,
     rho: chex.Numeric = DEFAULT_RHO,
+    debias: bool = False,
     layer_specs: layers_lib.LayerSpecs = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Batch Normalization Preconditioning of Dense and Conv gradients.
@@ -216,9 +269,15 @@ def scale_by_bnp(
     eps2: absolute regulariser of the variance, ``>= 0``.
     rho: decay of the running averages, in ``[0, 1)``; ``0`` uses the batch
       statistics alone.
+    debias: not in the paper, off by default. When true, the statistics used
+      to precondition are the running averages with the pull of their initial
+      values removed, ``(avg - rho^t init) / (1 - rho^t)`` after ``t`` steps,
+      as Adam debiases its moments; the state still holds the plain averages.
     layer_specs: optional ``{layer path: LayerSpec}`` for kernels that are
       not laid out as Flax ``Dense`` (``(n_in, n_out)``) or ``Conv``
-      (``(*window, c_in, c_out)``) kernels.
+      (``(*window, c_in, c_out)``) kernels, needed when the optimizer state
+      is created (``bnp_optax.linen.layer_specs`` and
+      ``bnp_optax.nnx.layer_specs`` compute them for a model).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -260,7 +319,7 @@ def scale_by_bnp(
     for name, layer in tree.layers.items():
       kernel = tree.leaves[layer.kernel_index]
       dtype = statistics.statistics_dtype(kernel.dtype)
-      shape = layer.statistics_shape
+      shape = layer.spec.statistics_shape(layer.kernel_shape)
       running[name] = RunningStats(
           mean=jnp.zeros(shape, dtype), variance=jnp.ones(shape, dtype)
       )
@@ -287,25 +346,27 @@ def scale_by_bnp(
       )
     tree = layers_lib.parse_tree(updates, layer_specs)
     stats = layers_lib.flatten_layer_stats(layer_stats)
-    layers_lib.match_statistics(tree, stats)
+    specs = layers_lib.match_statistics(tree, stats)
     if set(state.running_stats) != set(tree.layers):
       raise ValueError(
           'scale_by_bnp: the optimizer state holds running statistics for '
           f'{sorted(state.running_stats)} but the gradients have layers '
           f'{sorted(tree.layers)}; was the state made for another model?'
       )
+    count = optax.safe_increment(state.count)
     leaves = list(tree.leaves)
     new_running = {}
     for name, layer in tree.layers.items():
+      spec = specs[name]
       running = state.running_stats[name]
-      if running.mean.shape != layer.statistics_shape:
-        raise ValueError(
-            f'scale_by_bnp: layer {name!r}: the state holds statistics of '
-            f'shape {running.mean.shape} but the kernel '
-            f'{layer.kernel_shape} needs {layer.statistics_shape}.'
-        )
+      if running.mean.shape != spec.statistics_shape(layer.kernel_shape):
+        raise ValueError(layers_lib.state_mismatch_message(
+            name, running.mean.shape, spec, layer.kernel_shape))
       batch = stats[name]
       running = update_running_stats(running, batch, rho)
+      new_running[name] = running
+      if debias:
+        running = debiased(running, rho, count)
       bias_grad = (
           None if layer.bias_index is None else leaves[layer.bias_index]
       )
@@ -313,8 +374,7 @@ def scale_by_bnp(
           leaves[layer.kernel_index],
           bias_grad,
           running,
-          layer.spec,
-          fan_in_size=layer.fan_in_size,
+          spec,
           batch_size=batch.batch_size,
           positions=batch.positions,
           eps1=eps1,
@@ -323,10 +383,9 @@ def scale_by_bnp(
       leaves[layer.kernel_index] = new_kernel
       if new_bias is not None:
         leaves[layer.bias_index] = new_bias
-      new_running[name] = running
     new_updates = jax.tree_util.tree_unflatten(tree.treedef, leaves)
     return new_updates, ScaleByBNPState(
-        count=optax.safe_increment(state.count), running_stats=new_running
+        count=count, running_stats=new_running
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
