@@ -19,7 +19,7 @@ from bnp_optax._src.transform import ScaleByBNPState
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('linen',)
+_LAZY_SUBMODULES = ('linen', 'nnx')
 
 
 def __getattr__(name):

@@ -1,0 +1,155 @@
+"""Flax NNX: zero-change statistics, nnx.Optimizer, nnx.jit."""
+
+import re
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bnp_optax
+from tests import models
+from tests.test_oracle import oracle_precondition
+
+
+class MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(6, 5, rngs=rngs),
+                            nnx.Linear(5, 3, rngs=rngs)])
+    self.norm = nnx.LayerNorm(5, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.norm(jax.nn.relu(self.layers[0](x)))
+    return self.layers[1](x)
+
+
+def test_optimizer_step_matches_numpy_oracle():
+  rng = np.random.default_rng(0)
+  lr = 0.1
+  with jax.enable_x64(True):
+    model = MLP(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.float64), params))
+    optimizer = nnx.Optimizer(model, bnp_optax.bnp(lr), wrt=nnx.Param)
+    traces = []
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      traces.append(None)
+      def loss_fn(model):
+        out, layer_stats = bnp_optax.nnx.apply(model, x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            out, y)), layer_stats
+      (_, layer_stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
+          model)
+      optimizer.update(model, grads, layer_stats=layer_stats)
+      return layer_stats
+
+    running = {i: (np.zeros(n), np.ones(n)) for i, n in ((0, 6), (1, 5))}
+    for step in range(3):
+      x = jnp.asarray(models.badly_scaled_inputs(rng, (4, 6)))
+      y = jnp.asarray(rng.integers(0, 3, size=4))
+      before = jax.tree.map(np.asarray, nnx.to_pure_dict(
+          nnx.state(model, nnx.Param)))
+      grads = nnx.grad(lambda m: jnp.mean(
+          optax.softmax_cross_entropy_with_integer_labels(m(x), y)))(model)
+      grads = jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
+      # NumPy forward pass for the layers' inputs.
+      l0, l1 = before['layers'][0], before['layers'][1]
+      h1 = np.maximum(np.asarray(x) @ l0['kernel'] + l0['bias'], 0)
+      norm = before['norm']
+      h1n = (h1 - h1.mean(-1, keepdims=True)) / np.sqrt(
+          h1.var(-1, keepdims=True) + 1e-6) * norm['scale'] + norm['bias']
+      inputs = {0: np.asarray(x), 1: h1n}
+      layer_stats = train_step(model, optimizer, x, y)
+      after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      for i in (0, 1):
+        g = grads['layers'][i]
+        g_w, g_b, mu, var = oracle_precondition(
+            inputs[i], g['kernel'], g['bias'], *running[i], positions=1,
+            rho=0.99)
+        running[i] = (mu, var)
+        np.testing.assert_allclose(
+            after['layers'][i]['kernel'], before['layers'][i]['kernel']
+            - lr * g_w, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            after['layers'][i]['bias'], before['layers'][i]['bias']
+            - lr * g_b, rtol=1e-10, atol=1e-12)
+      np.testing.assert_allclose(  # LayerNorm passes through: plain SGD
+          after['norm']['scale'], before['norm']['scale']
+          - lr * grads['norm']['scale'], rtol=1e-10)
+      del step
+  assert len(traces) == 1
+  assert set(layer_stats) == {'layers'}
+  assert set(layer_stats['layers']) == {0, 1}
+
+
+def test_linear_general_and_grouped_conv_need_and_get_layer_specs():
+  class Mixed(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=rngs)
+      self.head = nnx.LinearGeneral((5, 6), 3, axis=(-2, -1), rngs=rngs)
+
+    def __call__(self, x):  # (N, 5, 5, 4)
+      h = jax.nn.relu(self.conv(x))
+      return self.head(h.mean(axis=1))
+
+  model = Mixed(nnx.Rngs(0))
+  specs = bnp_optax.nnx.layer_specs(model)
+  assert specs['conv'].feature_groups == 2
+  assert specs['head'].fan_in_axes == (0, 1)
+  optimizer = nnx.Optimizer(model, bnp_optax.bnp(0.1, layer_specs=specs),
+                            wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      out, stats = bnp_optax.nnx.apply(model, x)
+      return jnp.sum(out ** 2), stats
+    (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, layer_stats=stats)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(5)]
+  running = optimizer.opt_state[0].running_stats
+  assert running['conv'].mean.shape == (4,)
+  assert running['head'].mean.shape == (5, 6)
+  assert losses[-1] < losses[0]
+
+
+def test_conv_transpose_is_refused_by_name():
+  class Up(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.ConvTranspose(2, 2, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+      return self.up(x)
+
+  with pytest.raises(NotImplementedError, match=re.escape(
+      "layer 'up' is a ConvTranspose, which BNP does not support")):
+    bnp_optax.nnx.apply(Up(nnx.Rngs(0)), jnp.ones((1, 4, 4, 2)))
+
+
+def test_layer_outside_the_model_is_an_error():
+  outside = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+
+  class Uses(nnx.Module):
+    def __init__(self):
+      self.scale = nnx.Param(jnp.ones(2))
+
+    def __call__(self, x):
+      return outside(x) * self.scale
+
+  with pytest.raises(ValueError, match='not part of the model'):
+    bnp_optax.nnx.apply(Uses(), jnp.ones((3, 2)))
+
+
+def test_calling_the_model_directly_records_nothing():
+  model = MLP(nnx.Rngs(0))
+  y = model(jnp.ones((2, 6)))
+  out, stats = bnp_optax.nnx.apply(model, jnp.ones((2, 6)))
+  np.testing.assert_allclose(y, out)
+  assert float(stats['layers'][0].batch_size) == 2
