@@ -1,4 +1,4 @@
-"""Input statistics: one-pass reductions that stay accurate, exact merging."""
+"""Input statistics: reductions that stay accurate, exact merging."""
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread):
   exact = np.asarray(x, np.float64)  # the values as rounded to ``dtype``
   np.testing.assert_allclose(stats.mean, exact.mean(0), rtol=1e-6)
   # Naive E[x^2] - E[x]^2 in float32 loses all digits of the first two cases
-  # (its rounding error is ~6e-8 * mean^2); the shifted reduction does not.
+  # (its rounding error is ~6e-8 * mean^2); the two-pass reduction does not.
   np.testing.assert_allclose(stats.variance, exact.var(0), rtol=1e-3)
   assert np.all(np.asarray(stats.variance) > 0)
 

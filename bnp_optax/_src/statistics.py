@@ -160,10 +160,11 @@ def input_statistics(
 ) -> LayerStats:
   """Mean and biased variance of ``inputs`` over all but the feature axes.
 
-  The reduction is one pass over the data, shifted by the first row so that a
-  large mean with a small spread keeps its variance (the naive
-  ``E[x^2] - E[x]^2`` loses it in float32); the variance is clipped at zero.
-  No gradient flows through the statistics.
+  Two reductions: the mean, then the mean squared deviation from it, so that
+  a large mean with a small spread keeps its variance (the one-pass
+  ``E[x^2] - E[x]^2`` loses it in float32) and no slice of the batch is
+  needed (a batch sharded across devices is reduced as one). No gradient
+  flows through the statistics.
 
   Args:
     inputs: the layer input.
@@ -196,18 +197,15 @@ def input_statistics(
   count = rows.shape[0]
   if count == 0:
     raise ValueError('cannot take statistics of an empty batch')
-  shift = rows[0]
-  centred = rows - shift[None, :]
-  mean_centred = jnp.mean(centred, axis=0)
-  mean_square_centred = jnp.mean(jnp.square(centred), axis=0)
-  variance = jnp.maximum(mean_square_centred - jnp.square(mean_centred), 0)
+  mean = jnp.mean(rows, axis=0)
+  variance = jnp.mean(jnp.square(rows - mean[None, :]), axis=0)
   if batch_axes is None:
     batch_size = count
   else:
     batch_size = math.prod(inputs.shape[a] for a in batch_axes)
   scalar = lambda v: jnp.asarray(v, jnp.float32)
   return LayerStats(
-      mean=(shift + mean_centred).reshape(feature_shape),
+      mean=mean.reshape(feature_shape),
       variance=variance.reshape(feature_shape),
       count=scalar(count),
       batch_size=scalar(batch_size),
