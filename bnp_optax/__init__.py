@@ -6,6 +6,8 @@ Flax integration and is imported on first use.
 
 import importlib
 
+from bnp_optax._src.accumulate import multi_steps
+from bnp_optax._src.accumulate import MultiStepsState
 from bnp_optax._src.alias import bnp
 from bnp_optax._src.layers import describe_coverage
 from bnp_optax._src.statistics import LayerSpec
@@ -31,6 +33,7 @@ def __getattr__(name):
 __all__ = [
     'LayerSpec',
     'LayerStats',
+    'MultiStepsState',
     'RunningStats',
     'ScaleByBNPState',
     'all_reduce_statistics',
@@ -38,5 +41,6 @@ __all__ = [
     'describe_coverage',
     'input_statistics',
     'merge_statistics',
+    'multi_steps',
     'scale_by_bnp',
 ]

@@ -3,5 +3,6 @@
 from bnp_optax._src.linen_capture import apply
 from bnp_optax._src.linen_capture import layer_specs
 from bnp_optax._src.linen_capture import register_layer
+from bnp_optax._src.linen_capture import TrainState
 
-__all__ = ['apply', 'layer_specs', 'register_layer']
+__all__ = ['TrainState', 'apply', 'layer_specs', 'register_layer']

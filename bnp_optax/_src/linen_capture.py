@@ -15,7 +15,9 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from flax.training import train_state
 import jax
+import optax
 
 from bnp_optax._src import layers as layers_lib
 from bnp_optax._src import statistics
@@ -331,3 +333,55 @@ def layer_specs(
       for name, stats in layers_lib.flatten_layer_stats(shapes).items()
       if stats.spec is not None
   }
+
+
+class TrainState(train_state.TrainState):
+  """``flax.training.train_state.TrainState`` that forwards ``layer_stats``.
+
+  Flax's ``apply_gradients`` calls ``tx.update(grads, opt_state, params)``
+  with no extra arguments, so BNP would never see its statistics. This
+  subclass takes them (and any other extra arguments of the optimizer) and
+  passes them on.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import bnp_optax
+    >>> model = nn.Dense(2)
+    >>> x = jnp.ones((4, 3))
+    >>> state = bnp_optax.linen.TrainState.create(
+    ...     apply_fn=model.apply, tx=bnp_optax.bnp(0.1),
+    ...     params=model.init(jax.random.key(0), x)['params'])
+    >>> def loss_fn(params):
+    ...   y, layer_stats = bnp_optax.linen.apply(model, {'params': params}, x)
+    ...   return jnp.sum(y ** 2), layer_stats
+    >>> grads, layer_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+    >>> state = state.apply_gradients(grads=grads, layer_stats=layer_stats)
+    >>> int(state.step)
+    1
+  """
+
+  def apply_gradients(self, *, grads, layer_stats=None, tx_kwargs=None,
+                      **kwargs):
+    """Applies one optimizer step.
+
+    Args:
+      grads: gradients with the structure of ``params``.
+      layer_stats: the statistics from :func:`apply`, passed to ``tx.update``.
+      tx_kwargs: other extra keyword arguments for ``tx.update``.
+      **kwargs: fields of the state to replace, as in Flax.
+
+    Returns:
+      The new state, with ``step`` incremented.
+    """
+    extra = dict(tx_kwargs or {})
+    if layer_stats is not None:
+      extra['layer_stats'] = layer_stats
+    updates, new_opt_state = self.tx.update(
+        grads, self.opt_state, self.params, **extra
+    )
+    new_params = optax.apply_updates(self.params, updates)
+    return self.replace(
+        step=self.step + 1, params=new_params, opt_state=new_opt_state,
+        **kwargs,
+    )
