@@ -188,10 +188,18 @@ def patch_statistics(inputs: Any) -> transform.RunningStats:
   return transform.RunningStats(mean=mean, variance=variance)
 
 
+def _mean_variance(stats: Any) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean, variance)`` of an object with those fields, or of a pair."""
+  if hasattr(stats, 'mean') and hasattr(stats, 'variance'):
+    mean, variance = stats.mean, stats.variance
+  else:
+    mean, variance = stats
+  return _float64(mean).reshape(-1), _float64(variance).reshape(-1)
+
+
 def _fan_in_vectors(stats: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
   """Mean and variance of length ``size``: per-channel ones are broadcast."""
-  mean = _float64(stats[0]).reshape(-1)
-  variance = _float64(stats[1]).reshape(-1)
+  mean, variance = _mean_variance(stats)
   channels = mean.shape[0]
   if size % channels:
     raise ValueError(
@@ -253,7 +261,7 @@ def preconditioner(
     array([[ 1. , -1. ],
            [ 0. ,  0.5]])
   """
-  size = int(np.size(stats[0])) if size is None else size
+  size = _mean_variance(stats)[0].size if size is None else size
   mean, variance = _fan_in_vectors(stats, size)
   sigma = _regularised_sigma(variance, eps1, eps2)
   u = np.eye(size + 1)
@@ -288,7 +296,7 @@ def kappa_d(
     ...                     eps1=0., eps2=0.)  # d = (1, 1/2, 10)
     20.0
   """
-  variance = _float64(stats[1]).reshape(-1)
+  _, variance = _mean_variance(stats)
   d = np.concatenate([[1.0], 1.0 / _regularised_sigma(variance, eps1, eps2)])
   return float(d.max() / d.min())
 
@@ -441,7 +449,61 @@ def _input_matrix(module, params, inputs, neuron: int) -> jax.Array:
 
   column = kernel[..., neuron].reshape(-1)
   # Linear in the kernel: the Jacobian at any point is the patch matrix.
-  return jax.jit(jax.jacfwd(channel))(column)
+  return jax.jacfwd(channel)(column)
+
+
+def _hessian_factors(model, layer, neuron, apply_kwargs):
+  """``(variables, x, loss) -> (H, S)``, to be jitted."""
+
+  def factors(variables, x, loss):
+    module, inputs = _capture_layer(model, variables, x, layer, apply_kwargs)
+    params = _layer_params(variables, layer)
+    h = _input_matrix(module, params, inputs, neuron)
+
+    def perturbed_loss(delta):
+      def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if _is_target(context, layer):
+          out = out.at[..., neuron].add(delta.astype(out.dtype))
+        return out
+
+      with nn.intercept_methods(interceptor):
+        return loss(model.apply(variables, x, **apply_kwargs))
+
+    out_shape = jax.eval_shape(
+        lambda: module.apply({'params': params}, inputs)
+    ).shape
+    delta = jnp.zeros(out_shape[:-1], inputs.dtype)
+    m = math.prod(out_shape[:-1])
+    s = jax.hessian(perturbed_loss)(delta).reshape(m, m)
+    return h, s
+
+  return factors
+
+
+_CACHE_SIZE = 16
+_jit_cache: dict[tuple[Any, ...], tuple[Any, Callable[..., Any]]] = {}
+
+
+def _cached_factors(model, layer, neuron, apply_kwargs):
+  """Jitted :func:`_hessian_factors`, reused across calls for one model."""
+  if apply_kwargs:
+    return jax.jit(_hessian_factors(model, layer, neuron, apply_kwargs))
+  key = (id(model), layer, neuron)
+  entry = _jit_cache.get(key)
+  if entry is not None and entry[0] is model:
+    return entry[1]
+  fn = jax.jit(_hessian_factors(model, layer, neuron, {}))
+  if len(_jit_cache) >= _CACHE_SIZE:
+    _jit_cache.pop(next(iter(_jit_cache)))
+  _jit_cache[key] = (model, fn)  # holds the model, so its id stays unique
+  return fn
+
+
+def _as_partial(loss_fn) -> jax.tree_util.Partial:
+  if isinstance(loss_fn, jax.tree_util.Partial):
+    return loss_fn
+  return jax.tree_util.Partial(loss_fn)
 
 
 def neuron_hessian(
@@ -466,14 +528,20 @@ def neuron_hessian(
   cross-entropy averaged over ``N`` examples and a neuron of the output
   layer, ``S = diag(p_i (1 - p_i)) / N``.
 
+  The computation is jitted and the compiled function is reused for the same
+  ``model``, ``layer`` and ``neuron`` when ``loss_fn`` is the same function
+  or a ``jax.tree_util.Partial`` of the same function (pass the labels that
+  way, ``Partial(my_loss, labels=y)``, to avoid a compilation per batch).
+
   Args:
     model: a Flax linen model.
     variables: its variables (``{'params': ...}``).
     x: the mini-batch input.
     loss_fn: maps the model output to the scalar mini-batch loss (close over
-      the labels).
+      the labels, or bind them with ``jax.tree_util.Partial``).
     layer: the path of an ``nn.Dense`` or ``nn.Conv`` layer, as in the
-      parameters (``'Dense_2'``, ``'Block_0/Conv_1'``).
+      parameters (``'Dense_2'``, ``'Block_0/Conv_1'``), called once in the
+      forward pass.
     neuron: the output feature (channel) ``i``.
     **apply_kwargs: passed on to ``model.apply``.
 
@@ -495,26 +563,8 @@ def neuron_hessian(
     >>> nh.hessian.shape, nh.inputs.shape, nh.curvature.shape
     ((5, 5), (8, 4), (8, 8))
   """
-  module, inputs = _capture_layer(model, variables, x, layer, apply_kwargs)
-  params = _layer_params(variables, layer)
-  h = _input_matrix(module, params, inputs, neuron)
-
-  def perturbed_loss(delta):
-    def interceptor(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      if _is_target(context, layer):
-        out = out.at[..., neuron].add(delta.astype(out.dtype))
-      return out
-
-    with nn.intercept_methods(interceptor):
-      return loss_fn(model.apply(variables, x, **apply_kwargs))
-
-  out_shape = jax.eval_shape(
-      lambda: module.apply({'params': params}, inputs)
-  ).shape
-  delta = jnp.zeros(out_shape[:-1], inputs.dtype)
-  m = math.prod(out_shape[:-1])
-  s = jax.jit(jax.hessian(perturbed_loss))(delta).reshape(m, m)
+  fn = _cached_factors(model, layer, neuron, apply_kwargs)
+  h, s = fn(variables, x, _as_partial(loss_fn))
   return NeuronHessian(
       hessian=hessian_from_inputs(h, s),
       inputs=_float64(h),
