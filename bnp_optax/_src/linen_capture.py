@@ -12,6 +12,7 @@ is kept.
 
 from collections.abc import Callable, Mapping
 import math
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ from bnp_optax._src import statistics
 
 COLLECTION = 'bnp_optax_layer_stats'
 _SOW_NAME = 'input_stats'
+_collecting = threading.local()
 
 StatisticsFn = Callable[
     [nn.Module, tuple, dict, Any], statistics.LayerStats
@@ -181,8 +183,17 @@ def _record_input_statistics(next_fun, args, kwargs, context):
   if fn is None:
     return next_fun(*args, **kwargs)
   outputs = next_fun(*args, **kwargs)
-  if module.is_initializing() or not module.is_mutable_collection(COLLECTION):
+  if module.is_initializing() or not getattr(_collecting, 'active', False):
     return outputs
+  if not module.is_mutable_collection(COLLECTION):
+    raise ValueError(
+        f'bnp_optax: layer {module_name(module)!r} runs inside a lifted '
+        'transform (nn.scan, nn.vmap, ...) that does not carry the '
+        f'{COLLECTION!r} collection, so its statistics would be lost. Add '
+        f"it to the transform's variable_axes, e.g. variable_axes={{'params': "
+        f"0, {COLLECTION!r}: 0}} (bnp_optax.linen.COLLECTION); each slice "
+        'is then preconditioned as a layer of its own.'
+    )
   stats = fn(module, args, kwargs, outputs)
   if not isinstance(stats, statistics.LayerStats):
     raise TypeError(
@@ -192,6 +203,33 @@ def _record_input_statistics(next_fun, args, kwargs, context):
     )
   module.sow(COLLECTION, _SOW_NAME, stats)
   return outputs
+
+
+def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
+  """Statistics stacked by nn.scan/nn.vmap: one independent layer a slice.
+
+  The stacked leading axes become independent axes of the layer (its kernel
+  is stacked the same way); the scalars, equal for slices that see batches
+  of the same size, are averaged.
+  """
+  lead = stats.count.ndim
+  if lead == 0:
+    return stats
+  axes = tuple(range(lead))
+  spec = stats.spec
+  if spec is not None:
+    shift = lambda t: tuple(a + lead for a in t)
+    spec = statistics.LayerSpec(
+        spatial_axes=shift(spec.spatial_axes),
+        fan_in_axes=shift(spec.fan_in_axes),
+        independent_axes=axes + shift(spec.independent_axes),
+        feature_groups=spec.feature_groups,
+    )
+  return statistics.LayerStats(
+      mean=stats.mean, variance=stats.variance,
+      count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
+      positions=stats.positions.mean(axes), spec=spec,
+  )
 
 
 def _collect(tree: Mapping[str, Any]) -> Any:
@@ -206,7 +244,8 @@ def _collect(tree: Mapping[str, Any]) -> Any:
       continue
     result[key] = _collect(value)
   if _SOW_NAME in tree:
-    merged = statistics.merge_statistics(tree[_SOW_NAME])
+    merged = statistics.merge_statistics(
+        [_unstack(s) for s in tree[_SOW_NAME]])
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
@@ -277,10 +316,15 @@ def apply(
     collections = [mutable, COLLECTION]
   else:
     collections = list(mutable) + [COLLECTION]
-  with nn.intercept_methods(_record_input_statistics):
-    output, mutated = model.apply(
-        variables, *args, mutable=collections, **kwargs
-    )
+  outer = getattr(_collecting, 'active', False)
+  _collecting.active = True
+  try:
+    with nn.intercept_methods(_record_input_statistics):
+      output, mutated = model.apply(
+          variables, *args, mutable=collections, **kwargs
+      )
+  finally:
+    _collecting.active = outer
   mutated = dict(mutated)
   sown = mutated.pop(COLLECTION, {})
   # When the model itself is a Dense/Conv layer this is a bare LayerStats,
