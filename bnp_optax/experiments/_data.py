@@ -126,7 +126,7 @@ def md5sum(path) -> str:
   return h.hexdigest()
 
 
-def download(resource: Resource, directory, *, timeout: float = 60.0,
+def download_resource(resource: Resource, directory, *, timeout: float = 60.0,
              quiet: bool = False) -> pathlib.Path:
   """Downloads ``resource`` into ``directory`` and checks its MD5.
 
@@ -409,7 +409,7 @@ def load(name: str, data_dir=None, *, download: bool = False,
         + '); pass --data-dir, or --download on a machine with network')
   target = root / name
   for resource in RESOURCES[name]:
-    download(resource, target, quiet=quiet)
+    download_resource(resource, target, quiet=quiet)
   found = _load_from(name, target)
   if found is None:
     raise DataError(f'{target}: downloaded files do not hold {name}')

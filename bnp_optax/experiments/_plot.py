@@ -65,15 +65,26 @@ def group_results(results):
 
 
 def plot(results, output, *, title: str | None = None,
-         loss_log_scale: bool = True) -> pathlib.Path:
-  """Writes the figure of ``results`` to ``output`` (PNG) and returns it."""
+         loss_log_scale: bool = True, loss_cap: float = 10.0) -> pathlib.Path:
+  """Writes the figure of ``results`` to ``output`` (PNG) and returns it.
+
+  Args:
+    results: run results (dicts as written by ``run``).
+    output: the PNG path.
+    title: figure title.
+    loss_log_scale: training loss on a log scale.
+    loss_cap: upper limit of the loss axis (diverged runs go off the chart).
+
+  Returns:
+    The path written.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   panels = group_results(results)
   keys = sorted(panels)
-  fig, axes = plt.subplots(1, len(keys), figsize=(6.0 * len(keys), 4.4),
+  fig, axes = plt.subplots(1, len(keys), figsize=(6.0 * len(keys), 5.2),
                            squeeze=False)
   order = list(_methods.METHODS)
   for ax, key in zip(axes[0], keys):
@@ -107,8 +118,14 @@ def plot(results, output, *, title: str | None = None,
     loss_ax.set_ylabel('training loss, dashed')
     if loss_log_scale:
       loss_ax.set_yscale('log')
+    # A diverged run would squash the others: losses above the cap are
+    # off the chart (their values are in the JSON and the summary table).
+    bottom, top = loss_ax.get_ylim()
+    loss_ax.set_ylim(bottom, min(top, loss_cap))
+    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(loc='center right', fontsize=8)
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.13), ncol=2,
+              fontsize=8, frameon=False)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -135,7 +152,7 @@ def summary_table(results) -> str:
       rows.append((
           model, dataset, str(bs), method,
           f'{runs[0]["config"]["learning_rate"]:g}', str(len(runs)),
-          f'{np.mean(losses):.4f}',
+          f'{np.mean(losses):.4g}',
           f'{accs.mean():.2f}% ({accs.min():.2f}-{accs.max():.2f})',
           f'{secs:.1f}s'))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
