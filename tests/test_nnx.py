@@ -153,3 +153,40 @@ def test_calling_the_model_directly_records_nothing():
   out, stats = bnp_optax.nnx.apply(model, jnp.ones((2, 6)))
   np.testing.assert_allclose(y, out)
   assert float(stats['layers'][0].batch_size) == 2
+
+
+def test_registered_layer_type_is_measured():
+  class Affine(nnx.Module):  # y = x @ kernel + bias
+    def __init__(self, n_in, n_out, rngs):
+      self.kernel = nnx.Param(jax.random.normal(rngs.params(), (n_in, n_out)))
+      self.bias = nnx.Param(jnp.zeros(n_out))
+
+    def __call__(self, x):
+      return x @ self.kernel[...] + self.bias[...][None, :]
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.affine = Affine(3, 2, rngs)
+
+    def __call__(self, x):
+      return self.affine(x)
+
+  model = Net(nnx.Rngs(0))
+  x = jnp.arange(12.0).reshape(4, 3)
+  with pytest.raises(ValueError, match=re.escape(
+      "no statistics in layer_stats for the layers ['affine']")):
+    _, stats = bnp_optax.nnx.apply(model, x)
+    tx = bnp_optax.scale_by_bnp()
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    tx.update(params, tx.init(params), layer_stats=stats)
+  bnp_optax.nnx.register_layer(
+      Affine, lambda module, args, kwargs, outputs:
+      bnp_optax.input_statistics(args[0]))
+  _, stats = bnp_optax.nnx.apply(model, x)
+  np.testing.assert_allclose(stats['affine'].mean, np.mean(x, 0))
+  tx = bnp_optax.scale_by_bnp()
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  updates, _ = tx.update(params, tx.init(params), layer_stats=stats)
+  assert bnp_optax.describe_coverage(params, stats)['affine/kernel'] == (
+      'dense kernel')
+  del updates
