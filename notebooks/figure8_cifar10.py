@@ -98,7 +98,7 @@ def main():
 
   rng = np.random.default_rng(args.seed)
   n_batches = x_train.shape[0] // args.batch_size
-  rows = []  # iteration, loss, kappa_H, kappa_PHP, kappa_D, kappa_PHP_batch
+  rows = []
   start = time.time()
   it = 0
   for epoch in range(args.epochs):
@@ -124,9 +124,14 @@ def main():
         batch = diagnostics.conditioning(
             nh.hessian, diagnostics.patch_statistics(nh.inputs)
         )
+        # Without the regularisers (eps1 = eps2 = 0), as in Eq. 12.
+        plain = diagnostics.conditioning(
+            nh.hessian, running, eps1=0.0, eps2=0.0
+        )
         rows.append((it, float(loss), c.kappa_hessian,
                      c.kappa_preconditioned, c.kappa_d,
-                     batch.kappa_preconditioned, c.rank))
+                     batch.kappa_preconditioned, c.rank,
+                     plain.kappa_preconditioned, plain.kappa_d))
       params = new_params
       it += 1
     acc = float(accuracy(params))
@@ -135,6 +140,7 @@ def main():
 
   r = np.array(rows)
   k_h, k_p, k_d, k_b = r[:, 2], r[:, 3], r[:, 4], r[:, 5]
+  k_p0, k_d0 = r[:, 7], r[:, 8]
   ratio = k_h / k_p
   print(f'{len(r)} iterations with condition numbers; rank of the Hessian: '
         f'median {np.median(r[:, 6]):.0f} (of {101})')
@@ -142,7 +148,11 @@ def main():
                   ('kappa(P_batch^T H^T S H P_batch)', k_b),
                   ('kappa(D)', k_d), ('kappa(D)^2', k_d**2),
                   ('improvement kappa_H / kappa_PHP', ratio),
-                  ('improvement / kappa(D)^2', ratio / k_d**2)]:
+                  ('improvement / kappa(D)^2', ratio / k_d**2),
+                  ('eps=0: kappa(P^T H^T S H P)', k_p0),
+                  ('eps=0: kappa(D)', k_d0),
+                  ('eps=0: improvement', k_h / k_p0),
+                  ('eps=0: improvement / kappa(D)^2', k_h / k_p0 / k_d0**2)]:
     q = np.percentile(v, [5, 50, 95])
     print(f'{name:34s} 5%: {q[0]:10.3g}  median: {q[1]:10.3g}  '
           f'95%: {q[2]:10.3g}')
@@ -151,7 +161,8 @@ def main():
   if args.out:
     np.savez(args.out, iteration=r[:, 0], loss=r[:, 1], kappa_hessian=k_h,
              kappa_preconditioned=k_p, kappa_d=k_d,
-             kappa_preconditioned_batch=k_b, rank=r[:, 6])
+             kappa_preconditioned_batch=k_b, rank=r[:, 6],
+             kappa_preconditioned_eps0=k_p0, kappa_d_eps0=k_d0)
   if args.plot:
     import matplotlib  # pylint: disable=g-import-not-at-top
 

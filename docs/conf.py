@@ -1,0 +1,106 @@
+"""Sphinx configuration: autosummary + napoleon + myst-nb, as optax does.
+
+The notebooks live in ``notebooks/`` at the repository root, without
+outputs; they are copied into ``docs/_notebooks`` here and executed by
+myst-nb during every build, so they cannot go stale. The build needs no
+network.
+"""
+
+import os
+import pathlib
+import shutil
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Executed code (notebooks and how-to pages) runs on the CPU, with 4 fake
+# devices for the multi-device page; kernels inherit this environment.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if '--xla_force_host_platform_device_count' not in os.environ.get(
+    'XLA_FLAGS', ''
+):
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '')
+      + ' --xla_force_host_platform_device_count=4'
+  ).strip()
+os.environ.setdefault('PYTHONWARNINGS', 'ignore::DeprecationWarning')
+
+
+def _copy_notebooks() -> None:
+  target = pathlib.Path(__file__).resolve().parent / '_notebooks'
+  target.mkdir(exist_ok=True)
+  for old in target.glob('*.ipynb'):
+    old.unlink()
+  for notebook in sorted((ROOT / 'notebooks').glob('*.ipynb')):
+    shutil.copyfile(notebook, target / notebook.name)
+
+
+_copy_notebooks()
+
+# The API reference lists every name in each public module's ``__all__``:
+# ``api.md`` includes one generated list per module, so a new public name
+# appears without editing the docs (tests/test_docs.py checks the pages).
+API_MODULES = ('bnp_optax', 'bnp_optax.linen', 'bnp_optax.nnx',
+               'bnp_optax.diagnostics')
+
+
+def _write_api_lists() -> None:
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  target = pathlib.Path(__file__).resolve().parent / '_generated'
+  target.mkdir(exist_ok=True)
+  for name in API_MODULES:
+    module = importlib.import_module(name)
+    lines = ['```{eval-rst}', f'.. currentmodule:: {name}', '',
+             '.. autosummary::', '   :toctree: _autosummary', '']
+    lines += [f'   {symbol}' for symbol in sorted(module.__all__,
+                                                   key=str.lower)]
+    lines += ['```', '']
+    (target / f'api_{name}.md').write_text('\n'.join(lines))
+
+
+_write_api_lists()
+
+project = 'bnp_optax'
+author = 'bnp_optax authors'
+copyright = '2026, bnp_optax authors'  # pylint: disable=redefined-builtin
+
+extensions = [
+    'sphinx.ext.autodoc',
+    'sphinx.ext.autosummary',
+    'sphinx.ext.napoleon',
+    'sphinx.ext.mathjax',
+    'myst_nb',
+]
+
+source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb',
+                 '.ipynb': 'myst-nb'}
+exclude_patterns = ['_build', '_generated', 'Thumbs.db', '.DS_Store',
+                    '**.ipynb_checkpoints']
+master_doc = 'index'
+
+autosummary_generate = True
+autodoc_typehints = 'description'
+autodoc_member_order = 'bysource'
+autodoc_default_options = {'members': True, 'show-inheritance': False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_use_ivar = True
+
+myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence']
+myst_heading_anchors = 3
+
+# Execute every notebook and code-cell page on every build; an error fails
+# the build.
+nb_execution_mode = 'force'
+nb_execution_timeout = 600
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_merge_streams = True
+
+html_theme = 'sphinx_book_theme'
+html_title = 'bnp_optax'
+html_theme_options = {'show_toc_level': 2}
+suppress_warnings = ['mystnb.unknown_mime_type']
