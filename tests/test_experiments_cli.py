@@ -1,4 +1,4 @@
-"""The command line of bnp_optax.experiments: runs, JSON schema, plot, errors."""
+"""Command line of bnp_optax.experiments: runs, JSON schema, plot, errors."""
 
 import gzip
 import json

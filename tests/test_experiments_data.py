@@ -201,9 +201,11 @@ def _md5(path):
 def test_download_verifies_checksum(tmp_path, http_server, monkeypatch):
   www, url = http_server
   make_cifar_archive(www / 'cifar-10-python.tar.gz')
-  good = _data.Resource('cifar-10-python.tar.gz',
-                        (url + 'missing.tar.gz', url + 'cifar-10-python.tar.gz'),
-                        _md5(www / 'cifar-10-python.tar.gz'))
+  # The first URL fails (404): the next one is tried.
+  good = _data.Resource(
+      'cifar-10-python.tar.gz',
+      (url + 'missing.tar.gz', url + 'cifar-10-python.tar.gz'),
+      _md5(www / 'cifar-10-python.tar.gz'))
   bad = _data.Resource('cifar-10-python.tar.gz',
                        (url + 'cifar-10-python.tar.gz',), '0' * 32)
   cache = tmp_path / 'cache'

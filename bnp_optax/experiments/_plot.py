@@ -89,6 +89,7 @@ def plot(results, output, *, title: str | None = None,
   order = list(_methods.METHODS)
   for ax, key in zip(axes[0], keys):
     loss_ax = ax.twinx()
+    acc_range = []  # Accuracies after epoch 0, to zoom the axis on them.
     methods = sorted(panels[key], key=lambda m: order.index(m)
                      if m in order else len(order))
     for method in methods:
@@ -100,6 +101,7 @@ def plot(results, output, *, title: str | None = None,
       x, acc = _series(runs, 'test_accuracy')
       acc = 100 * acc
       ax.plot(x, np.nanmean(acc, 0), '-', color=colour, label=label)
+      acc_range += [v for v in acc[:, x > 0].ravel() if np.isfinite(v)]
       ax.fill_between(x, np.nanmin(acc, 0), np.nanmax(acc, 0), color=colour,
                       alpha=0.2, linewidth=0)
       x, loss = _series(runs, 'train_loss')
@@ -122,7 +124,10 @@ def plot(results, output, *, title: str | None = None,
     # off the chart (their values are in the JSON and the summary table).
     bottom, top = loss_ax.get_ylim()
     loss_ax.set_ylim(bottom, min(top, loss_cap))
-    ax.set_ylim(0, 100)
+    if acc_range:
+      lo, hi = min(acc_range), max(acc_range)
+      ax.set_ylim(max(0.0, lo - 0.1 * (hi - lo) - 0.5),
+                  min(100.0, hi + 0.05 * (hi - lo) + 0.5))
     ax.grid(alpha=0.3)
     ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.13), ncol=2,
               fontsize=8, frameon=False)
