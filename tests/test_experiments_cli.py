@@ -141,3 +141,13 @@ def test_list(capsys):
   status, out, _ = _run(['list'], capsys)
   assert status == 0
   assert 'fig5-bs2' in out and 'renorm' in out and 'Table' not in out[:10]
+
+
+def test_module_entry_point():
+  # pylint: disable=g-import-not-at-top
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, '-m', 'bnp_optax.experiments', 'run',
+                         '--methods', 'nope'], capture_output=True, text=True,
+                        check=False, timeout=120)
+  assert done.returncode == 2 and "unknown method 'nope'" in done.stderr
