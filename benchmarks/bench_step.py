@@ -335,7 +335,7 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
         'opt_state_floats': _float_count(opt_state),
         'param_floats': _float_count(states[name][0]),
     }
-    if name.startswith('bnp'):
+    if name not in ('sgd', 'bn'):  # a BNP variant
       expected = _expected_bnp_floats(vanilla)
       got = _float_count(opt_state)
       result['variants'][name]['opt_state_expected_floats'] = expected
@@ -386,7 +386,7 @@ def _ratios(times, v) -> dict[str, Any]:
   if {'sgd', 'bn'} <= set(names):
     bn_over = v['bn']['median_ms'] - v['sgd']['median_ms']
     for a in names:
-      if a.startswith('bnp'):
+      if a not in ('sgd', 'bn'):
         over = v[a]['median_ms'] - v['sgd']['median_ms']
         out[f'{a}_overhead_vs_bn_overhead'] = (
             over / bn_over if bn_over > 0 else math.inf
@@ -405,6 +405,7 @@ def device_info() -> dict[str, Any]:
       'jax': jax.__version__,
       'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else '',
       'python': platform.python_version(),
+      'bnp_optax': os.path.dirname(bnp_optax.__file__),
   }
 
 
@@ -470,7 +471,8 @@ def main(argv=None) -> dict[str, Any]:
       p.error(f'unknown variant {v!r}; known: {sorted(VARIANTS)}')
 
   info = device_info()
-  print(f"device: {info['platform']} ({info['device_kind']})", flush=True)
+  print(f"device: {info['platform']} ({info['device_kind']}); bnp_optax "
+        f"from {info['bnp_optax']}", flush=True)
   results = []
   for n in names:
     case = cases[n]

@@ -1,0 +1,288 @@
+"""Prototype BNP implementations, to measure changes to the core side by side.
+
+Self-contained (no ``bnp_optax._src`` import), so that it measures the same
+thing while the core changes. It handles what the benchmark networks need:
+Flax ``Dense`` and ``Conv`` layers with Flax kernel layouts (``(n_in,
+n_out)``, ``(*window, c_in, c_out)``). ``proto_base`` is a line-by-line copy
+of the algorithm of the core at commit 23ebe53 (statistics shifted by the
+first row, per-layer update with a broadcast-multiply-sum for the bias
+correction, two finiteness reductions per layer); each other variant changes
+one thing, and ``bnp_fused`` combines the changes that pay off:
+
+- ``matvec``: the bias correction ``sum_j mu_j G_w'[j, i]`` as a dot
+  (``(mu / s) @ G_w - G_b * sum(mu^2 / s)``, with the kernel reshaped to
+  ``(fan_in, n_out)``), instead of broadcasting ``mu`` to the kernel's shape,
+  multiplying and reducing: one pass over the kernel gradient less, no
+  kernel-sized temporaries, and ``G_w'`` itself fuses into the parameter
+  update;
+- ``finite1``: one reduction for the "statistics are finite" guard
+  (``all(isfinite(mean) & isfinite(variance))``), not two;
+- ``nofinite``: no guard at all (to see what it costs; not a proposal);
+- ``plainstats``: sum and sum of squares without the first-row shift
+  (numerically worse, to see what the shift costs; not a proposal);
+- ``packed``: the running statistics of all layers in two flat vectors (the
+  optimizer state has 3 leaves instead of ``2 L + 1``), to see the per-leaf
+  dispatch cost at batch 1.
+"""
+
+from collections.abc import Mapping
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import optax
+
+COLLECTION = 'bnp_proto_stats'
+EPS1, EPS2, RHO = 1e-2, 1e-4, 0.99
+
+
+class Stats(NamedTuple):
+  mean: jax.Array
+  variance: jax.Array
+  count: jax.Array
+  batch_size: jax.Array
+  positions: jax.Array
+
+
+# ------------------------------------------------------------ statistics
+
+
+def stats_shifted(x, num_batch_axes, positions):
+  """As the core at 23ebe53: one pass, shifted by the first row."""
+  x = lax.stop_gradient(x).astype(jnp.float32)
+  rows = x.reshape(-1, x.shape[-1])
+  shift = rows[0]
+  centred = rows - shift[None, :]
+  mean_c = jnp.mean(centred, axis=0)
+  var = jnp.maximum(jnp.mean(jnp.square(centred), axis=0) - mean_c**2, 0)
+  return _stats(x, rows, shift + mean_c, var, num_batch_axes, positions)
+
+
+def stats_plain(x, num_batch_axes, positions):
+  """Sum and sum of squares, no shift (loses precision for large means)."""
+  x = lax.stop_gradient(x).astype(jnp.float32)
+  rows = x.reshape(-1, x.shape[-1])
+  mean = jnp.mean(rows, axis=0)
+  var = jnp.maximum(jnp.mean(jnp.square(rows), axis=0) - mean**2, 0)
+  return _stats(x, rows, mean, var, num_batch_axes, positions)
+
+
+def stats_variadic(x, num_batch_axes, positions):
+  """Shifted sum and sum of squares in one variadic ``lax.reduce``."""
+  x = lax.stop_gradient(x).astype(jnp.float32)
+  rows = x.reshape(-1, x.shape[-1])
+  shift = rows[0]
+  centred = rows - shift[None, :]
+  zero = jnp.zeros((), jnp.float32)
+  s1, s2 = lax.reduce(
+      (centred, jnp.square(centred)), (zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,))
+  n = rows.shape[0]
+  mean_c = s1 / n
+  var = jnp.maximum(s2 / n - mean_c**2, 0)
+  return _stats(x, rows, shift + mean_c, var, num_batch_axes, positions)
+
+
+def stats_dot(x, num_batch_axes, positions):
+  """Shifted sums as contractions: ``ones @ c`` and ``einsum(c, c)``."""
+  x = lax.stop_gradient(x).astype(jnp.float32)
+  rows = x.reshape(-1, x.shape[-1])
+  shift = rows[0]
+  centred = rows - shift[None, :]
+  n = rows.shape[0]
+  mean_c = jnp.ones((n,), jnp.float32) @ centred / n
+  var = jnp.maximum(
+      jnp.einsum('ni,ni->i', centred, centred) / n - mean_c**2, 0)
+  return _stats(x, rows, shift + mean_c, var, num_batch_axes, positions)
+
+
+def _stats(x, rows, mean, var, num_batch_axes, positions):
+  f = lambda v: jnp.asarray(v, jnp.float32)
+  return Stats(mean, var, f(rows.shape[0]),
+               f(math.prod(x.shape[:num_batch_axes])), f(positions))
+
+
+def make_apply(stats_fn):
+  """``apply(model, variables, x) -> (y, stats)``, stats like the params."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or not isinstance(
+        module, (nn.Dense, nn.Conv)):
+      return next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs['inputs']
+    y = next_fun(*args, **kwargs)
+    if module.is_initializing():
+      return y
+    if isinstance(module, nn.Dense):
+      s = stats_fn(x, x.ndim - 1, 1)
+    else:
+      nsp = len(module.kernel_size)
+      positions = math.prod(y.shape[y.ndim - nsp - 1:-1])
+      s = stats_fn(x, x.ndim - nsp - 1, positions)
+    module.sow(COLLECTION, 'stats', s)
+    return y
+
+  def collect(tree):
+    if 'stats' in tree:
+      (s,) = tree['stats']  # the benchmark networks share no layer
+      return s
+    return {k: collect(v) for k, v in tree.items()}
+
+  def apply(model, variables, x):
+    with nn.intercept_methods(intercept):
+      y, mutated = model.apply(variables, x, mutable=[COLLECTION])
+    return y, collect(mutated[COLLECTION])
+
+  return apply
+
+
+# ------------------------------------------------------------ transform
+
+
+class Running(NamedTuple):
+  mean: jax.Array
+  variance: jax.Array
+
+
+class ProtoState(NamedTuple):
+  count: jax.Array
+  running: Any  # {path: Running}, or Running of flat vectors ('packed')
+
+
+def _layers(tree, prefix=()):
+  """Yields (path, layer dict) for every mapping with a kernel."""
+  if isinstance(tree, Mapping):
+    if 'kernel' in tree and getattr(tree['kernel'], 'ndim', 0) >= 2:
+      yield '/'.join(prefix), tree
+      return
+    for k, v in tree.items():
+      yield from _layers(v, prefix + (k,))
+
+
+def _get(tree, path):
+  for k in path.split('/') if path else ():
+    tree = tree[k]
+  return tree
+
+
+def _update_running(run, batch, finite_mode):
+  bm, bv = batch.mean, batch.variance
+  bv = jnp.where(batch.count == 1, bv + jnp.square(bm - run.mean), bv)
+  mean = RHO * run.mean + (1 - RHO) * bm
+  var = RHO * run.variance + (1 - RHO) * bv
+  if finite_mode == 'none':
+    return Running(mean, var)
+  if finite_mode == 'elementwise':  # per feature: fuses, no reduction
+    ok = jnp.isfinite(bm) & jnp.isfinite(bv)
+    return Running(jnp.where(ok, mean, run.mean),
+                   jnp.where(ok, var, run.variance))
+  if finite_mode == 'one':
+    finite = jnp.all(jnp.isfinite(bm) & jnp.isfinite(bv))
+  else:
+    finite = jnp.all(jnp.isfinite(bm)) & jnp.all(jnp.isfinite(bv))
+  return Running(jnp.where(finite, mean, run.mean),
+                 jnp.where(finite, var, run.variance))
+
+
+def _precondition(g_w, g_b, run, batch, matvec):
+  """Steps 3-5 for a Flax Dense/Conv kernel (fan-in on axis -2)."""
+  n_in = math.prod(g_w.shape[:-1])
+  reg = run.variance + EPS1 * jnp.max(run.variance) + EPS2
+  q2 = jnp.maximum(n_in / batch.batch_size, jnp.sqrt(batch.positions))
+  inv = 1 / (reg * q2)
+  if not matvec:  # as the core: broadcast, multiply, reduce
+    shape = [1] * g_w.ndim
+    shape[-2] = run.mean.shape[0]
+    mean_b, inv_b = run.mean.reshape(shape), inv.reshape(shape)
+    new_w = (g_w - mean_b * g_b) * inv_b
+    absorbed = jnp.sum(mean_b * new_w, axis=tuple(range(g_w.ndim - 1)))
+    return new_w, g_b / q2 - absorbed
+  window = math.prod(g_w.shape[:-2])
+  if matvec == 'new':  # sum_j mu_j G_w'[j, i] as a dot on the new G_w
+    new_w = (g_w - run.mean[:, None] * g_b) * inv[:, None]
+    absorbed = jnp.tile(run.mean, window) @ new_w.reshape(-1, g_w.shape[-1])
+    return new_w, g_b / q2 - absorbed
+  mi = run.mean * inv
+  g2 = g_w.reshape(-1, g_w.shape[-1])  # (window * c_in, n_out), free
+  absorbed = jnp.tile(mi, window) @ g2 - g_b * (window * jnp.dot(run.mean, mi))
+  new_w = (g_w - run.mean[:, None] * g_b) * inv[:, None]
+  return new_w, g_b / q2 - absorbed
+
+
+def scale_by_bnp_proto(*, matvec=False, finite_mode='two', packed=False):
+  """BNP as in the core, with the prototype changes switched on or off."""
+
+  def init_fn(params):
+    running = {
+        path: Running(jnp.zeros(layer['kernel'].shape[-2], jnp.float32),
+                      jnp.ones(layer['kernel'].shape[-2], jnp.float32))
+        for path, layer in _layers(params)
+    }
+    if packed:
+      running = Running(
+          jnp.concatenate([r.mean for r in running.values()]),
+          jnp.concatenate([r.variance for r in running.values()]))
+    return ProtoState(jnp.zeros([], jnp.int32), running)
+
+  def update_fn(updates, state, params=None, *, layer_stats, **extra):
+    del params, extra
+    new = jax.tree_util.tree_map(lambda v: v, updates)  # fresh dicts
+    new = _thaw(new)
+    running_out, offset = {}, 0
+    for path, layer in _layers(updates):
+      batch = _get(layer_stats, path)
+      if packed:
+        size = layer['kernel'].shape[-2]
+        run = Running(state.running.mean[offset:offset + size],
+                      state.running.variance[offset:offset + size])
+        offset += size
+      else:
+        run = state.running[path]
+      run = _update_running(run, batch, finite_mode)
+      running_out[path] = run
+      w, b = _precondition(layer['kernel'], layer['bias'], run, batch, matvec)
+      target = _get(new, path)
+      target['kernel'], target['bias'] = w, b
+    if packed:
+      running_out = Running(
+          jnp.concatenate([r.mean for r in running_out.values()]),
+          jnp.concatenate([r.variance for r in running_out.values()]))
+    return new, ProtoState(optax.safe_increment(state.count), running_out)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _thaw(tree):
+  if isinstance(tree, Mapping):
+    return {k: _thaw(v) for k, v in tree.items()}
+  return tree
+
+
+def _tx(lr=1e-3, **kw):
+  return lambda: optax.chain(scale_by_bnp_proto(**kw), optax.sgd(lr))
+
+
+_shifted = make_apply(stats_shifted)
+
+# name -> (apply_fn, make_tx), picked up by bench_step.py
+VARIANTS = {
+    'proto_base': (_shifted, _tx()),
+    'matvec': (_shifted, _tx(matvec=True)),
+    'finite1': (_shifted, _tx(finite_mode='one')),
+    'nofinite': (_shifted, _tx(finite_mode='none')),
+    'plainstats': (make_apply(stats_plain), _tx()),
+    'packed': (_shifted, _tx(packed=True)),
+    'matvec2': (_shifted, _tx(matvec='new')),
+    'finite_elem': (_shifted, _tx(finite_mode='elementwise')),
+    'bnp_fused': (_shifted, _tx(matvec=True, finite_mode='one')),
+    'fused_variadic': (make_apply(stats_variadic),
+                       _tx(matvec=True, finite_mode='one')),
+    'fused_dot': (make_apply(stats_dot), _tx(matvec=True, finite_mode='one')),
+    'fused_plain': (make_apply(stats_plain),
+                    _tx(matvec=True, finite_mode='one')),
+    'bnp_lean': (_shifted, _tx(matvec='new', finite_mode='elementwise')),
+}
