@@ -48,8 +48,7 @@ API_MODULES = ('bnp_optax', 'bnp_optax.linen', 'bnp_optax.nnx',
 def _write_api_lists() -> None:
   import importlib  # pylint: disable=g-import-not-at-top
 
-  target = pathlib.Path(__file__).resolve().parent / '_generated'
-  target.mkdir(exist_ok=True)
+  target = pathlib.Path(__file__).resolve().parent
   for name in API_MODULES:
     module = importlib.import_module(name)
     lines = ['```{eval-rst}', f'.. currentmodule:: {name}', '',
@@ -57,7 +56,7 @@ def _write_api_lists() -> None:
     lines += [f'   {symbol}' for symbol in sorted(module.__all__,
                                                    key=str.lower)]
     lines += ['```', '']
-    (target / f'api_{name}.md').write_text('\n'.join(lines))
+    (target / f'_api_{name}.md').write_text('\n'.join(lines))
 
 
 _write_api_lists()
@@ -76,11 +75,13 @@ extensions = [
 
 source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb',
                  '.ipynb': 'myst-nb'}
-exclude_patterns = ['_build', '_generated', 'Thumbs.db', '.DS_Store',
+exclude_patterns = ['_build', '_api_*.md', 'Thumbs.db', '.DS_Store',
                     '**.ipynb_checkpoints']
 master_doc = 'index'
 
-autosummary_generate = True
+# The generated lists are included by api.md, not documents of their own:
+# name them so that autosummary writes their stubs.
+autosummary_generate = [f'_api_{name}.md' for name in API_MODULES]
 autodoc_typehints = 'description'
 autodoc_member_order = 'bysource'
 autodoc_default_options = {'members': True, 'show-inheritance': False}
