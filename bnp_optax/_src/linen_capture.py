@@ -10,7 +10,7 @@ The model's code is not changed, no extra forward pass runs and no activation
 is kept.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import math
 import threading
 from typing import Any
@@ -21,15 +21,14 @@ import jax
 import optax
 
 from bnp_optax._src import layers as layers_lib
+from bnp_optax._src import registry
 from bnp_optax._src import statistics
 
 COLLECTION = 'bnp_optax_layer_stats'
 _SOW_NAME = 'input_stats'
 _collecting = threading.local()
 
-StatisticsFn = Callable[
-    [nn.Module, tuple, dict, Any], statistics.LayerStats
-]
+StatisticsFn = registry.StatisticsFn
 
 
 def module_name(module: nn.Module) -> str:
@@ -99,27 +98,14 @@ def _conv(module: nn.Conv, args, kwargs, outputs) -> statistics.LayerStats:
   return conv_statistics(x, outputs, num_spatial, module.feature_group_count)
 
 
-def _unsupported(reason: str) -> StatisticsFn:
-  def refuse(module, args, kwargs, outputs):
-    del args, kwargs, outputs
-    raise NotImplementedError(
-        f'bnp_optax: layer {module_name(module)!r} is a '
-        f'{type(module).__name__}, which BNP does not support ({reason}); '
-        'exclude it from BNP with optax.masked, or register statistics for '
-        'it with bnp_optax.linen.register_layer.'
-    )
-  return refuse
-
-
-# Most specific types first: the first isinstance match wins.
-_REGISTRY: list[tuple[type, StatisticsFn]] = [
-    (nn.ConvTranspose, _unsupported(
-        'a transposed convolution sees a zero-dilated input')),
-    (nn.ConvLocal, _unsupported('its kernel differs at every position')),
-    (nn.Dense, _dense),
-    (nn.DenseGeneral, _dense_general),
-    (nn.Conv, _conv),
-]
+_REGISTRY = registry.LayerRegistry(nn.Module, 'linen', [], module_name)
+_REGISTRY.register(nn.Conv, _conv)
+_REGISTRY.register(nn.DenseGeneral, _dense_general)
+_REGISTRY.register(nn.Dense, _dense)
+_REGISTRY.register(nn.ConvLocal, _REGISTRY.unsupported(
+    'its kernel differs at every position'))
+_REGISTRY.register(nn.ConvTranspose, _REGISTRY.unsupported(
+    'a transposed convolution sees a zero-dilated input'))
 
 
 def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
@@ -159,27 +145,14 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     >>> stats.mean.shape
     (3,)
   """
-  if not (isinstance(module_type, type) and issubclass(module_type,
-                                                        nn.Module)):
-    raise TypeError(
-        f'register_layer: {module_type!r} is not a flax.linen.Module type.'
-    )
-  _REGISTRY[:] = [(t, f) for t, f in _REGISTRY if t is not module_type]
-  _REGISTRY.insert(0, (module_type, statistics_fn))
-
-
-def _statistics_fn(module: nn.Module) -> StatisticsFn | None:
-  for module_type, fn in _REGISTRY:
-    if isinstance(module, module_type):
-      return fn
-  return None
+  _REGISTRY.register(module_type, statistics_fn)
 
 
 def _record_input_statistics(next_fun, args, kwargs, context):
   module = context.module
   fn = None
   if context.method_name == '__call__':
-    fn = _statistics_fn(module)
+    fn = _REGISTRY.lookup(module)
   if fn is None:
     return next_fun(*args, **kwargs)
   outputs = next_fun(*args, **kwargs)

@@ -10,7 +10,6 @@ user's forward pass under ``stop_gradient``: no extra pass, no stored
 activations.
 """
 
-from collections.abc import Callable
 import functools
 import threading
 from typing import Any
@@ -19,9 +18,10 @@ from flax import nnx
 
 from bnp_optax._src import layers as layers_lib
 from bnp_optax._src import linen_capture
+from bnp_optax._src import registry
 from bnp_optax._src import statistics
 
-StatisticsFn = Callable[[nnx.Module, tuple, dict, Any], statistics.LayerStats]
+StatisticsFn = registry.StatisticsFn
 
 _state = threading.local()
 
@@ -51,33 +51,18 @@ def _conv(module, args, kwargs, outputs):
   )
 
 
-def _unsupported(reason: str) -> StatisticsFn:
-  def refuse(module, args, kwargs, outputs):
-    del args, kwargs, outputs
-    raise NotImplementedError(
-        f'bnp_optax: layer {_collector().name_of(module)!r} is a '
-        f'{type(module).__name__}, which BNP does not support ({reason}); '
-        'exclude it from BNP with optax.masked, or register statistics for '
-        'it with bnp_optax.nnx.register_layer.'
-    )
-  return refuse
+def _name_of(module) -> str:
+  collector = _collector()
+  return collector.name_of(module) if collector else type(module).__name__
 
 
-_REGISTRY: list[tuple[type, StatisticsFn]] = [
-    (nnx.ConvTranspose, _unsupported(
-        'a transposed convolution sees a zero-dilated input')),
-    (nnx.Linear, _linear),
-    (nnx.LinearGeneral, _linear_general),
-    (nnx.Conv, _conv),
-]
+_REGISTRY = registry.LayerRegistry(nnx.Module, 'nnx', [], _name_of)
+_REGISTRY.register(nnx.Conv, _conv)
+_REGISTRY.register(nnx.LinearGeneral, _linear_general)
+_REGISTRY.register(nnx.Linear, _linear)
+_REGISTRY.register(nnx.ConvTranspose, _REGISTRY.unsupported(
+    'a transposed convolution sees a zero-dilated input'))
 _WRAPPED: set[type] = set()
-
-
-def _statistics_fn(module) -> StatisticsFn | None:
-  for module_type, fn in _REGISTRY:
-    if isinstance(module, module_type):
-      return fn
-  return None
 
 
 def _wrap(module_type: type) -> None:
@@ -99,7 +84,7 @@ def _wrap(module_type: type) -> None:
       if outermost:
         collector.active.discard(id(self))
     if outermost:
-      fn = _statistics_fn(self)
+      fn = _REGISTRY.lookup(self)
       if fn is not None:
         collector.record(self, fn(self, args, kwargs, outputs))
     return outputs
@@ -122,13 +107,7 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
       built-in types.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
   """
-  if not (isinstance(module_type, type) and issubclass(module_type,
-                                                        nnx.Module)):
-    raise TypeError(
-        f'register_layer: {module_type!r} is not a flax.nnx.Module type.'
-    )
-  _REGISTRY[:] = [(t, f) for t, f in _REGISTRY if t is not module_type]
-  _REGISTRY.insert(0, (module_type, statistics_fn))
+  _REGISTRY.register(module_type, statistics_fn)
 
 
 class _Collector:
@@ -220,7 +199,7 @@ def apply(
     >>> sorted(optimizer.opt_state[0].running_stats)
     ['layers/0', 'layers/2']
   """
-  for module_type, _ in _REGISTRY:
+  for module_type in _REGISTRY.types:
     _wrap(module_type)
   if _collector() is not None:
     raise RuntimeError('bnp_optax.nnx.apply calls cannot be nested.')
