@@ -1,4 +1,4 @@
-"""Tests of bnp_optax.diagnostics against jax.hessian and the paper's algebra."""
+"""bnp_optax.diagnostics against jax.hessian and the paper's algebra."""
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,8 @@ class TanhMLP(nn.Module):
 
 def _cross_entropy(y):
   def loss(logits):
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    return jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
   return loss
 
@@ -165,8 +166,10 @@ def test_preconditioner_is_the_optimizers(model_name):
   g = grads[layer]
   u = updates[layer]
   for neuron in range(g['bias'].shape[0]):
-    g_hat = np.concatenate([[g['bias'][neuron]], g['kernel'][..., neuron].ravel()])
-    u_hat = np.concatenate([[u['bias'][neuron]], u['kernel'][..., neuron].ravel()])
+    g_hat = np.concatenate(
+        [[g['bias'][neuron]], g['kernel'][..., neuron].ravel()])
+    u_hat = np.concatenate(
+        [[u['bias'][neuron]], u['kernel'][..., neuron].ravel()])
     p = diagnostics.preconditioner(running, size=g_hat.size - 1)
     np.testing.assert_allclose(u_hat, p @ p.T @ g_hat / q2, rtol=1e-10,
                                atol=1e-14)

@@ -109,8 +109,8 @@ def condition_number(matrix: Any, *, rtol: float | None = None) -> float:
   Args:
     matrix: a 2-D array.
     rtol: singular values at or below ``rtol * sigma_max`` count as zero;
-      default ``max(matrix.shape) * eps(float64)``, as ``numpy.linalg.
-      matrix_rank`` does.
+      default ``max(matrix.shape) * eps(float64)``, as
+      ``numpy.linalg.matrix_rank`` does.
 
   Returns:
     The condition number, a Python float (``nan`` for the zero matrix).
@@ -120,6 +120,11 @@ def condition_number(matrix: Any, *, rtol: float | None = None) -> float:
     >>> diagnostics.condition_number([[4., 0., 0.], [0., 1., 0.],
     ...                               [0., 0., 0.]])
     4.0
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Section 3.2, Theorem 1).
   """
   a = _float64(matrix)
   if a.ndim != 2:
@@ -149,6 +154,11 @@ def hessian_from_inputs(inputs: Any, curvature: Any) -> np.ndarray:
     array([[ 1.,  2.,  3.],
            [ 2.,  5.,  7.],
            [ 3.,  7., 10.]])
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Proposition 2, Eqs. 10-11; Proposition 9).
   """
   h = _float64(inputs)
   s = _float64(curvature)
@@ -260,6 +270,11 @@ def preconditioner(
     >>> p
     array([[ 1. , -1. ],
            [ 0. ,  0.5]])
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Eqs. 12, 15 and 23; Theorem 3).
   """
   size = _mean_variance(stats)[0].size if size is None else size
   mean, variance = _fan_in_vectors(stats, size)
@@ -295,6 +310,11 @@ def kappa_d(
     >>> diagnostics.kappa_d((np.zeros(2), np.array([4., 0.01])),
     ...                     eps1=0., eps2=0.)  # d = (1, 1/2, 10)
     20.0
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Theorem 4 and Section 5.1).
   """
   _, variance = _mean_variance(stats)
   d = np.concatenate([[1.0], 1.0 / _regularised_sigma(variance, eps1, eps2)])
@@ -342,6 +362,11 @@ def conditioning(
     ...                              eps1=0., eps2=0.)
     >>> bool(c.kappa_hessian > 1e4 and c.kappa_preconditioned < 3)
     True
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Theorems 3-4; Section 5.1, Figure 8).
   """
   hess = _float64(hessian)
   size = hess.shape[0] - 1
@@ -381,6 +406,11 @@ def conv_mean_error_bound(
     >>> from bnp_optax import diagnostics
     >>> diagnostics.conv_mean_error_bound(3, 32, 32, 1.0)
     0.0615234375
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Section 4, Proposition 10).
   """
   k, r, s = kernel_size, height, width
   return (k - 1) * (1 / (2 * r) + 1 / (2 * s) - (k - 1) / (4 * r * s)) * max_abs
@@ -562,6 +592,11 @@ def neuron_hessian(
     ...                                 layer='layers_2', neuron=0)
     >>> nh.hessian.shape, nh.inputs.shape, nh.curvature.shape
     ((5, 5), (8, 4), (8, 8))
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Propositions 2 and 9).
   """
   fn = _cached_factors(model, layer, neuron, apply_kwargs)
   h, s = fn(variables, x, _as_partial(loss_fn))
@@ -600,6 +635,21 @@ def neuron_hessian_autodiff(
   Returns:
     The ``(n + 1, n + 1)`` Hessian, float64, ordered as in
     :attr:`NeuronHessian.hessian`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import flax.linen as nn
+    >>> from bnp_optax import diagnostics
+    >>> model = nn.Sequential([nn.Dense(3), jnp.tanh, nn.Dense(2)])
+    >>> x = jax.random.normal(jax.random.key(0), (5, 2))
+    >>> variables = model.init(jax.random.key(1), x)
+    >>> loss = lambda out: jnp.mean(out ** 2)
+    >>> a = diagnostics.neuron_hessian(model, variables, x, loss,
+    ...                                layer='layers_0', neuron=1).hessian
+    >>> b = diagnostics.neuron_hessian_autodiff(model, variables, x, loss,
+    ...                                         layer='layers_0', neuron=1)
+    >>> bool(np.allclose(a, b, rtol=1e-4, atol=1e-6))
+    True
   """
   params = _layer_params(variables, layer)
   kernel = params['kernel']
