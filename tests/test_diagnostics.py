@@ -42,7 +42,8 @@ def _problem(model, x_shape, n_classes=3, seed=0):
 
 @pytest.mark.parametrize(
     'batch,layer,neuron',
-    [(1, 'Dense_0', 0), (2, 'Dense_1', 2), (7, 'Dense_2', 1), (7, 'Dense_0', 5)],
+    [(1, 'Dense_0', 0), (2, 'Dense_1', 2), (7, 'Dense_2', 1),
+     (7, 'Dense_0', 5)],
 )
 def test_dense_hessian_matches_jax_hessian(batch, layer, neuron):
   with jax.enable_x64(True):
