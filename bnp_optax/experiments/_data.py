@@ -432,9 +432,10 @@ def subset(ds: Dataset, train: int | None = None, test: int | None = None,
   Returns:
     The subset.
   """
-  rng = np.random.default_rng(seed)
-  tr = rng.permutation(len(ds.x_train))[:train] if train else None
-  te = rng.permutation(len(ds.x_test))[:test]
+  # Separate streams: the test subset does not depend on the train subset.
+  tr = (np.random.default_rng([seed, 0]).permutation(len(ds.x_train))[:train]
+        if train else None)
+  te = np.random.default_rng([seed, 1]).permutation(len(ds.x_test))[:test]
   if train and train > len(ds.x_train):
     raise DataError(f'--train-subset {train} is larger than the {ds.name} '
                     f'training set ({len(ds.x_train)})')
