@@ -27,13 +27,22 @@ if '--xla_force_host_platform_device_count' not in os.environ.get(
 os.environ.setdefault('PYTHONWARNINGS', 'ignore::DeprecationWarning')
 
 
+def _write_if_changed(path: pathlib.Path, content: bytes) -> None:
+  """Leaves unchanged files alone, so concurrent builds do not race."""
+  if not path.exists() or path.read_bytes() != content:
+    path.write_bytes(content)
+
+
 def _copy_notebooks() -> None:
   target = pathlib.Path(__file__).resolve().parent / '_notebooks'
   target.mkdir(exist_ok=True)
+  sources = sorted((ROOT / 'notebooks').glob('*.ipynb'))
+  names = {notebook.name for notebook in sources}
   for old in target.glob('*.ipynb'):
-    old.unlink()
-  for notebook in sorted((ROOT / 'notebooks').glob('*.ipynb')):
-    shutil.copyfile(notebook, target / notebook.name)
+    if old.name not in names:
+      old.unlink()
+  for notebook in sources:
+    _write_if_changed(target / notebook.name, notebook.read_bytes())
 
 
 _copy_notebooks()
@@ -56,7 +65,8 @@ def _write_api_lists() -> None:
     lines += [f'   {symbol}' for symbol in sorted(module.__all__,
                                                    key=str.lower)]
     lines += ['```', '']
-    (target / f'_api_{name}.md').write_text('\n'.join(lines))
+    _write_if_changed(target / f'_api_{name}.md',
+                      '\n'.join(lines).encode())
 
 
 _write_api_lists()
