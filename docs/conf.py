@@ -115,3 +115,17 @@ html_theme = 'sphinx_book_theme'
 html_title = 'bnp_optax'
 html_theme_options = {'show_toc_level': 2}
 suppress_warnings = ['mystnb.unknown_mime_type']
+templates_path = ['_templates']
+
+
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+  """NamedTuple fields are documented in the class's Attributes section."""
+  del app, what, name, options
+  doc = getattr(obj, '__doc__', None) or ''
+  if doc.startswith('Alias for field number'):
+    return True
+  return skip
+
+
+def setup(app):
+  app.connect('autodoc-skip-member', _skip_namedtuple_fields)
