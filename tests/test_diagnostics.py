@@ -238,3 +238,31 @@ def test_importable_on_its_own():
       [sys.executable, '-c', code], capture_output=True, text=True, check=True
   )
   assert int(out.stdout) == len(diagnostics.__all__)
+
+
+def test_figure8_script_runs(tmp_path):
+  """notebooks/figure8_cifar10.py on a tiny stand-in for CIFAR-10."""
+  import pathlib
+  import subprocess
+  import sys
+
+  rng = np.random.default_rng(0)
+  (tmp_path / 'cifar10').mkdir()
+  for split, n in (('train', 180), ('test', 20)):
+    np.savez(tmp_path / 'cifar10' / f'cifar10_{split}.npz',
+             x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, n))
+  script = pathlib.Path(__file__).parent.parent / 'notebooks' / (
+      'figure8_cifar10.py')
+  out = tmp_path / 'figure8.npz'
+  result = subprocess.run(
+      [sys.executable, str(script), '--data-dir', str(tmp_path),
+       '--epochs', '1', '--out', str(out)],
+      capture_output=True, text=True, timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'kappa(D)' in result.stdout
+  with np.load(out) as f:
+    assert f['kappa_hessian'].shape == (3,)  # 180 / 60 iterations
+    for key in ('kappa_hessian', 'kappa_preconditioned', 'kappa_d'):
+      assert np.all(np.isfinite(f[key]) & (f[key] >= 1)), key
