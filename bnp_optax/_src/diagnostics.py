@@ -344,7 +344,10 @@ def conditioning(
     stats: ``(mean, variance)`` giving ``P``, as for :func:`preconditioner`:
       the optimizer's running statistics of the layer
       (``opt_state.running_stats[layer]``), or :func:`patch_statistics` for
-      the exact batch statistics.
+      the exact batch statistics. (With ``scale_by_bnp(debias=True)`` the
+      optimizer preconditions with debiased averages, which the state does
+      not hold; the plain ones give a slightly different ``P`` in the first
+      few hundred steps.)
     eps1: relative regulariser, as given to ``scale_by_bnp``.
     eps2: absolute regulariser, as given to ``scale_by_bnp``.
     rtol: see :func:`condition_number`.
