@@ -1,5 +1,6 @@
 """The BNP gradient transformation (Lange, Helfrich & Ye, Algorithms 2-3)."""
 
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -213,11 +214,20 @@ def precondition_layer(
   new_g_w = (g_w - wide_mean * _place(g_b, bias_positions, view_shape)) * (
       inverse
   )
-  absorbed = jnp.sum(wide_mean * new_g_w, axis=spatial + fan_in)
-  ascending = sorted(bias_positions)
-  absorbed = jnp.transpose(
-      absorbed, [ascending.index(p) for p in bias_positions]
+  # sum_{window, fan-in} mu G_w' without a kernel-sized temporary:
+  # G_w' = (G_w - mu G_b) / s, so the sum is
+  # sum mu/s G_w  -  G_b |window| sum_{fan-in} mu^2/s, a contraction.
+  scaled_mean = mean / (regularised * q_squared)
+  letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view_shape)]
+  absorbed = jnp.einsum(
+      ''.join(letters[p] for p in stats_positions) + ',' + letters + '->'
+      + ''.join(letters[p] for p in bias_positions),
+      scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
   )
+  window = math.prod(view_shape[a] for a in spatial)
+  mean_square = window * jnp.sum(mean * scaled_mean, axis=fan_in_dims)
+  absorbed = absorbed - mean_square.reshape(
+      mean_square.shape + (1,) * len(outputs)) * g_b
   new_g_b = g_b / q_squared - absorbed
   return (
       new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype),
