@@ -7,22 +7,37 @@ n_out)``, ``(*window, c_in, c_out)``). ``proto_base`` is a line-by-line copy
 of the algorithm of the core at commit 23ebe53 (statistics shifted by the
 first row, per-layer update with a broadcast-multiply-sum for the bias
 correction, two finiteness reductions per layer); each other variant changes
-one thing, and ``bnp_fused`` combines the changes that pay off:
+one or a few things:
 
 - ``matvec``: the bias correction ``sum_j mu_j G_w'[j, i]`` as a dot
   (``(mu / s) @ G_w - G_b * sum(mu^2 / s)``, with the kernel reshaped to
   ``(fan_in, n_out)``), instead of broadcasting ``mu`` to the kernel's shape,
-  multiplying and reducing: one pass over the kernel gradient less, no
-  kernel-sized temporaries, and ``G_w'`` itself fuses into the parameter
-  update;
+  multiplying and reducing: no kernel-sized temporaries, and ``G_w'`` itself
+  fuses into the parameter update;
+- ``matvec2``: the same correction as a dot on the new kernel gradient,
+  ``mu @ G_w'`` (``G_w'`` is then materialised for the dot);
 - ``finite1``: one reduction for the "statistics are finite" guard
   (``all(isfinite(mean) & isfinite(variance))``), not two;
+- ``finite_elem``: the guard per feature (``where(isfinite(m) &
+  isfinite(v), new, old)`` elementwise), which fuses into the running-average
+  update: no reduction at all;
 - ``nofinite``: no guard at all (to see what it costs; not a proposal);
 - ``plainstats``: sum and sum of squares without the first-row shift
   (numerically worse, to see what the shift costs; not a proposal);
+- ``twopass``: the statistics as the core computes them from commit 48700d9
+  on (the mean, then the mean squared deviation from it);
+- ``fused_variadic``, ``fused_dot``, ``fused_plain``, ``fused_twopass``:
+  ``bnp_fused`` with the shifted sums as one variadic ``lax.reduce``, as
+  contractions (``ones @ c``, ``einsum('ni,ni->i', c, c)``), unshifted, or
+  two-pass;
 - ``packed``: the running statistics of all layers in two flat vectors (the
   optimizer state has 3 leaves instead of ``2 L + 1``), to see the per-leaf
-  dispatch cost at batch 1.
+  dispatch cost at batch 1;
+- ``stats_only``: SGD plus the forward statistics (kept in the state) and
+  no preconditioning, to split BNP's cost into statistics and update;
+- ``bnp_fused`` = ``matvec`` + ``finite1``; ``bnp_lean`` = ``matvec2`` +
+  ``finite_elem``; ``proposed`` = ``matvec`` + ``finite_elem`` + the core's
+  two-pass statistics: the changes recommended for the core.
 """
 
 from collections.abc import Mapping
@@ -33,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 
 COLLECTION = 'bnp_proto_stats'
@@ -61,6 +77,15 @@ def stats_shifted(x, num_batch_axes, positions):
   return _stats(x, rows, shift + mean_c, var, num_batch_axes, positions)
 
 
+def stats_twopass(x, num_batch_axes, positions):
+  """As the core from 48700d9 on: the mean, then the mean squared deviation."""
+  x = lax.stop_gradient(x).astype(jnp.float32)
+  rows = x.reshape(-1, x.shape[-1])
+  mean = jnp.mean(rows, axis=0)
+  var = jnp.mean(jnp.square(rows - mean[None, :]), axis=0)
+  return _stats(x, rows, mean, var, num_batch_axes, positions)
+
+
 def stats_plain(x, num_batch_axes, positions):
   """Sum and sum of squares, no shift (loses precision for large means)."""
   x = lax.stop_gradient(x).astype(jnp.float32)
@@ -84,6 +109,31 @@ def stats_variadic(x, num_batch_axes, positions):
   mean_c = s1 / n
   var = jnp.maximum(s2 / n - mean_c**2, 0)
   return _stats(x, rows, shift + mean_c, var, num_batch_axes, positions)
+
+
+def stats_welford(x, num_batch_axes, positions):
+  """One variadic reduction of (count, mean, M2), merged as Chan et al.
+
+  One pass, no shift and no slice of the batch (so a sharded batch is fine),
+  and as stable as the two-pass formula: each partial result carries its
+  own mean.
+  """
+  x = lax.stop_gradient(x).astype(jnp.float32)
+  rows = x.reshape(-1, x.shape[-1])
+
+  def merge(a, b):
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    delta = mb - ma
+    w = jnp.where(n > 0, nb / jnp.where(n > 0, n, 1), 0)
+    return n, ma + delta * w, sa + sb + delta * delta * na * w
+
+  zero = jnp.zeros((), jnp.float32)
+  n, mean, m2 = lax.reduce(
+      (jnp.ones_like(rows), rows, jnp.zeros_like(rows)), (zero, zero, zero),
+      merge, (0,))
+  var = jnp.maximum(m2 / n, 0)
+  return _stats(x, rows, mean, var, num_batch_axes, positions)
 
 
 def stats_dot(x, num_batch_axes, positions):
@@ -256,6 +306,97 @@ def scale_by_bnp_proto(*, matvec=False, finite_mode='two', packed=False):
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def scale_by_bnp_vectorised():
+  """All layers' small-vector work at once, on packed running statistics.
+
+  The running statistics of every layer live in two flat vectors (``S =
+  sum n_in`` floats each, the same floats as the per-layer state). The
+  running-average update, the finiteness guard (per feature), the
+  regularised inverse and the bias-correction scalars are computed for all
+  layers together (a handful of kernels instead of about ten per layer); the
+  per-layer maxima and sums are taken on a ``(L, max n_in)`` padded view. Per
+  layer remain only the bias-correction dot ``(mu / s) @ G_w`` and the
+  elementwise kernel update, which fuses with the optimizer's.
+  """
+
+  def init_fn(params):
+    sizes = [layer['kernel'].shape[-2] for _, layer in _layers(params)]
+    total = sum(sizes)
+    return ProtoState(jnp.zeros([], jnp.int32),
+                      Running(jnp.zeros(total, jnp.float32),
+                              jnp.ones(total, jnp.float32)))
+
+  def update_fn(updates, state, params=None, *, layer_stats, **extra):
+    del params, extra
+    layers = list(_layers(updates))
+    batches = [_get(layer_stats, path) for path, _ in layers]
+    sizes = [layer['kernel'].shape[-2] for _, layer in layers]
+    windows = [math.prod(layer['kernel'].shape[:-2]) for _, layer in layers]
+    n_max = max(sizes)
+    per_feature = lambda values: jnp.concatenate(
+        [jnp.broadcast_to(v, (n,)) for v, n in zip(values, sizes)])
+    padded = lambda flat, fill: jnp.stack([
+        jnp.pad(part, (0, n_max - n), constant_values=fill)
+        for part, n in zip(jnp.split(flat, np.cumsum(sizes)[:-1]), sizes)])
+    bm = jnp.concatenate([b.mean for b in batches])
+    bv = jnp.concatenate([b.variance for b in batches])
+    single = per_feature([b.count == 1 for b in batches])
+    run = state.running
+    bv = jnp.where(single, bv + jnp.square(bm - run.mean), bv)
+    ok = jnp.isfinite(bm) & jnp.isfinite(bv)
+    mean = jnp.where(ok, RHO * run.mean + (1 - RHO) * bm, run.mean)
+    var = jnp.where(ok, RHO * run.variance + (1 - RHO) * bv, run.variance)
+    largest = jnp.max(padded(var, 0.0), axis=1)  # (L,)
+    q2 = jnp.stack([
+        jnp.maximum(w * n / b.batch_size, jnp.sqrt(b.positions))
+        for w, n, b in zip(windows, sizes, batches)])
+    inv = 1 / ((var + EPS1 * per_feature(list(largest)) + EPS2)
+               * per_feature(list(q2)))
+    mi = mean * inv
+    c = jnp.sum(padded(mean * mi, 0.0), axis=1) * jnp.asarray(
+        windows, jnp.float32)  # (L,) = window * sum mu^2 / s
+    new = _thaw(updates)
+    offset = 0
+    for l, ((path, layer), n, w) in enumerate(zip(layers, sizes, windows)):
+      g_w, g_b = layer['kernel'], layer['bias']
+      m, i_l, mi_l = (v[offset:offset + n] for v in (mean, inv, mi))
+      offset += n
+      absorbed = jnp.tile(mi_l, w) @ g_w.reshape(-1, g_w.shape[-1])
+      target = _get(new, path)
+      target['kernel'] = (g_w - m[:, None] * g_b) * i_l[:, None]
+      target['bias'] = g_b / q2[l] - (absorbed - g_b * c[l])
+    return new, ProtoState(optax.safe_increment(state.count),
+                           Running(mean, var))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def store_statistics():
+  """Keeps the batch statistics in the state and leaves the gradient alone.
+
+  With SGD after it, the step costs what plain SGD costs plus the forward
+  statistics (which the state output keeps alive): ``stats_only`` minus
+  ``sgd`` is the price of the statistics, ``proposed`` minus ``stats_only``
+  the price of the update.
+  """
+
+  def init_fn(params):
+    return ProtoState(jnp.zeros([], jnp.int32), {
+        path: Running(jnp.zeros(layer['kernel'].shape[-2], jnp.float32),
+                      jnp.ones(layer['kernel'].shape[-2], jnp.float32))
+        for path, layer in _layers(params)
+    })
+
+  def update_fn(updates, state, params=None, *, layer_stats, **extra):
+    del params, extra
+    running = {path: Running(_get(layer_stats, path).mean,
+                             _get(layer_stats, path).variance)
+               for path in state.running}
+    return updates, ProtoState(optax.safe_increment(state.count), running)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _thaw(tree):
   if isinstance(tree, Mapping):
     return {k: _thaw(v) for k, v in tree.items()}
@@ -284,5 +425,27 @@ VARIANTS = {
     'fused_dot': (make_apply(stats_dot), _tx(matvec=True, finite_mode='one')),
     'fused_plain': (make_apply(stats_plain),
                     _tx(matvec=True, finite_mode='one')),
+    'twopass': (make_apply(stats_twopass), _tx()),
+    'fused_twopass': (make_apply(stats_twopass),
+                      _tx(matvec=True, finite_mode='one')),
+    'proposed': (make_apply(stats_twopass),
+                 _tx(matvec=True, finite_mode='elementwise')),
+    'stats_only': (make_apply(stats_twopass),
+                   lambda: optax.chain(store_statistics(), optax.sgd(1e-3))),
+    'vectorised': (make_apply(stats_twopass),
+                   lambda: optax.chain(scale_by_bnp_vectorised(),
+                                       optax.sgd(1e-3))),
+    'vec_variadic': (make_apply(stats_variadic),
+                     lambda: optax.chain(scale_by_bnp_vectorised(),
+                                         optax.sgd(1e-3))),
+    'vec_welford': (make_apply(stats_welford),
+                    lambda: optax.chain(scale_by_bnp_vectorised(),
+                                        optax.sgd(1e-3))),
+    'stats_welford': (make_apply(stats_welford),
+                      lambda: optax.chain(store_statistics(),
+                                          optax.sgd(1e-3))),
+    'stats_variadic': (make_apply(stats_variadic),
+                       lambda: optax.chain(store_statistics(),
+                                           optax.sgd(1e-3))),
     'bnp_lean': (_shifted, _tx(matvec='new', finite_mode='elementwise')),
 }

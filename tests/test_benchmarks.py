@@ -34,6 +34,7 @@ def test_bench_step_writes_results(tmp_path):
     for key in ('median_ms', 'p10_ms', 'p90_ms', 'lower_s', 'compile_s'):
       assert v[key] > 0, key
     assert v['hlo']['kernels'] >= v['hlo']['fusions'] > 0
+    assert v['jit_cache_size'] == 1  # traced once, no retrace per step
     assert v['memory'] is None or v['memory']['peak_bytes'] > 0
   bnp = result['variants']['bnp']
   # Two vectors of fan-in features per layer: 2 * (784 + 100 + 100 + 100).
