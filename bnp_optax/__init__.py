@@ -1,7 +1,8 @@
 """bnp_optax: Batch Normalization Preconditioning for JAX and Optax.
 
-The optax side (this module) never imports Flax; ``bnp_optax.linen`` holds the
-Flax integration and is imported on first use.
+The optax side (this module) never imports Flax; ``bnp_optax.linen`` and
+``bnp_optax.nnx`` hold the Flax integrations and ``bnp_optax.diagnostics`` the
+condition-number tools, each imported on first use.
 """
 
 import importlib
@@ -21,7 +22,7 @@ from bnp_optax._src.transform import ScaleByBNPState
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('linen', 'nnx')
+_LAZY_SUBMODULES = ('diagnostics', 'linen', 'nnx')
 
 
 def __getattr__(name):
