@@ -149,15 +149,21 @@ def test_non_finite_statistics_leave_running_statistics_unchanged():
   _, state = tx.update(grads, state, layer_stats=stats)
   bad = dict(stats)
   bad['Dense_1'] = stats['Dense_1'].replace(
-      mean=stats['Dense_1'].mean.at[0].set(jnp.nan))
-  _, new_state = jax.jit(tx.update)(grads, state, layer_stats=bad)
+      mean=stats['Dense_1'].mean.at[0].set(jnp.nan),
+      variance=stats['Dense_1'].variance.at[2].set(jnp.inf))
+  updates, new_state = jax.jit(tx.update)(grads, state, layer_stats=bad)
+  old_layer = state.running_stats['Dense_1']
+  new_layer = new_state.running_stats['Dense_1']
   for field in ('mean', 'variance'):
-    np.testing.assert_array_equal(
-        getattr(new_state.running_stats['Dense_1'], field),
-        getattr(state.running_stats['Dense_1'], field))
+    old, new = getattr(old_layer, field), getattr(new_layer, field)
+    # The features with a non-finite statistic keep their running values...
+    np.testing.assert_array_equal(new[np.array([0, 2])], old[np.array([0, 2])])
+    # ... the others, and the other layers, are updated as usual.
+    assert not np.any(new[np.array([1, 3, 4])] == old[np.array([1, 3, 4])])
     assert not np.array_equal(
         getattr(new_state.running_stats['Dense_0'], field),
         getattr(state.running_stats['Dense_0'], field))
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
 def test_parameters_without_statistics_pass_through():

@@ -86,8 +86,8 @@ def update_running_stats(
   ``h``. (A Conv layer at batch size 1 still has ``r * s`` values per channel
   and uses their variance, Eq. 22.)
 
-  If the batch statistics are not finite, the running statistics are left
-  unchanged, so one bad batch cannot poison them.
+  Where a feature's batch statistics are not finite, its running statistics
+  are left unchanged, so one bad batch cannot poison them.
 
   Args:
     running: the running statistics before this step.
@@ -108,9 +108,8 @@ def update_running_stats(
   rho = jnp.asarray(rho, dtype)
   mean = rho * running.mean + (1 - rho) * batch_mean
   variance = rho * running.variance + (1 - rho) * batch_variance
-  finite = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(
-      jnp.isfinite(batch_variance)
-  )
+  # Per feature, so the guard fuses into the update (no reduction).
+  finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_variance)
   return RunningStats(
       mean=jnp.where(finite, mean, running.mean),
       variance=jnp.where(finite, variance, running.variance),
@@ -202,7 +201,8 @@ def precondition_layer(
       spec.fan_in_size(kernel_shape) / batch_size.astype(dtype),
       jnp.sqrt(positions.astype(dtype)),
   )
-  inverse = _place(1 / (regularised * q_squared), stats_positions, view_shape)
+  inverse_stats = 1 / (regularised * q_squared)
+  inverse = _place(inverse_stats, stats_positions, view_shape)
   g_w = kernel_grad.astype(dtype).reshape(view_shape)
   if bias_grad is None:
     new_g_w = g_w * inverse
@@ -217,7 +217,7 @@ def precondition_layer(
   # sum_{window, fan-in} mu G_w' without a kernel-sized temporary:
   # G_w' = (G_w - mu G_b) / s, so the sum is
   # sum mu/s G_w  -  G_b |window| sum_{fan-in} mu^2/s, a contraction.
-  scaled_mean = mean / (regularised * q_squared)
+  scaled_mean = mean * inverse_stats
   letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view_shape)]
   absorbed = jnp.einsum(
       ''.join(letters[p] for p in stats_positions) + ',' + letters + '->'
