@@ -1,6 +1,5 @@
 """Every model/method combination of bnp_optax.experiments takes a step."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +10,9 @@ from bnp_optax.experiments import _batch_renorm
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _train
 
-_SLOW = pytest.mark.skipif(
-    not os.environ.get('BNP_OPTAX_SLOW'),
-    reason='compiles a deep ResNet for minutes on CPU; set BNP_OPTAX_SLOW=1')
+# Compiles a deep ResNet for minutes on CPU: out of the default run, run by
+# `bash scripts/test.sh -m slow` (see README.md).
+_SLOW = pytest.mark.slow
 
 
 def _one_step(model, method, shape, *, batch_size=2, classes=10, **kwargs):
