@@ -69,7 +69,6 @@ def test_resnet18_builds():
 
 
 @_SLOW
-@pytest.mark.slow
 @pytest.mark.parametrize('method', ['bn', 'gn', 'bnp', 'bnp_gn'])
 @pytest.mark.parametrize('model', ['resnet110', 'preact_resnet110',
                                    'resnet18'])
