@@ -62,6 +62,11 @@ def multi_steps(
   Example:
     >>> import bnp_optax
     >>> tx = bnp_optax.multi_steps(bnp_optax.bnp(0.1), every_k_schedule=4)
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Algorithm 2, whose batch statistics are those of the whole batch).
   """
   accumulator = optax.MultiSteps(
       optimizer, every_k_schedule, **multi_steps_kwargs

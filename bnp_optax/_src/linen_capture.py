@@ -275,6 +275,11 @@ def apply(
     ['layers_0', 'layers_2']
     >>> layer_stats['layers_0'].mean.shape
     (3,)
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Secs. 3.3 and 4: each layer's input statistics, Eqs. 13 and 21-22).
   """
   if isinstance(variables, Mapping) and COLLECTION in variables:
     raise ValueError(

@@ -106,6 +106,25 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     module_type: an ``nnx.Module`` subclass; it takes precedence over the
       built-in types.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import bnp_optax
+    >>> class Affine(nnx.Module):  # y = x @ kernel + bias
+    ...   def __init__(self, n_in, n_out, rngs):
+    ...     self.kernel = nnx.Param(
+    ...         jax.random.normal(rngs.params(), (n_in, n_out)))
+    ...     self.bias = nnx.Param(jnp.zeros(n_out))
+    ...   def __call__(self, x):
+    ...     return x @ self.kernel[...] + self.bias[...][None, :]
+    >>> bnp_optax.nnx.register_layer(
+    ...     Affine, lambda module, args, kwargs, outputs:
+    ...     bnp_optax.input_statistics(args[0]))
+    >>> _, stats = bnp_optax.nnx.apply(Affine(3, 2, nnx.Rngs(0)),
+    ...                                jnp.ones((4, 3)))
+    >>> stats.mean.shape
+    (3,)
   """
   _REGISTRY.register(module_type, statistics_fn)
 
@@ -198,6 +217,11 @@ def apply(
     >>> loss = train_step(model, optimizer, x, y)
     >>> sorted(optimizer.opt_state[0].running_stats)
     ['layers/0', 'layers/2']
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Secs. 3.3 and 4: each layer's input statistics, Eqs. 13 and 21-22).
   """
   for module_type in _REGISTRY.types:
     _wrap(module_type)
@@ -228,6 +252,14 @@ def layer_specs(model: nnx.Module) -> dict[str, statistics.LayerSpec]:
 
   Returns:
     ``{layer path: LayerSpec}``.
+
+  Example:
+    >>> from flax import nnx
+    >>> import bnp_optax
+    >>> conv = nnx.Conv(4, 8, (3, 3), feature_group_count=4,
+    ...                 rngs=nnx.Rngs(0))
+    >>> bnp_optax.nnx.layer_specs(conv)['<root>'].feature_groups
+    4
   """
   specs = {}
   for path, node in nnx.iter_graph(model):

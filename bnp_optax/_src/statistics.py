@@ -185,6 +185,11 @@ def input_statistics(
     >>> stats = bnp_optax.input_statistics(x)
     >>> print(stats.mean, stats.variance, stats.batch_size)
     [ 2. 10.] [1. 0.] 2.0
+
+  References:
+    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
+    for Neural Network Training*, Journal of Machine Learning Research, 2022
+    (Eq. 13 for Dense layers, Eqs. 21-22 for convolutions).
   """
   dtype = statistics_dtype(inputs.dtype)
   x = lax.stop_gradient(inputs).astype(dtype)
@@ -236,6 +241,15 @@ def merge_statistics(stats: Sequence[LayerStats]) -> LayerStats:
 
   Returns:
     One :class:`LayerStats` for all the calls.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import bnp_optax
+    >>> a = bnp_optax.input_statistics(jnp.array([[0.], [2.]]))
+    >>> b = bnp_optax.input_statistics(jnp.array([[4.], [6.], [8.]]))
+    >>> merged = bnp_optax.merge_statistics([a, b])
+    >>> print(merged.mean, merged.variance, merged.batch_size)
+    [4.] [8.] 5.0
   """
   stats = list(stats)
   spec = _common_spec(stats)
@@ -270,6 +284,20 @@ def all_reduce_statistics(stats, axis_name) -> object:
 
   Returns:
     The same tree, every device holding the global statistics.
+
+  Example:
+    Two "devices" (a ``vmap`` with an axis name stands in for ``shard_map``)
+    holding halves of a batch agree on the statistics of the whole of it:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import bnp_optax
+    >>> halves = jnp.array([[[0.], [2.]], [[4.], [10.]]])
+    >>> combined = jax.vmap(
+    ...     lambda x: bnp_optax.all_reduce_statistics(
+    ...         bnp_optax.input_statistics(x), 'devices'),
+    ...     axis_name='devices')(halves)
+    >>> print(combined.mean[:, 0], combined.variance[:, 0])
+    [4. 4.] [14. 14.]
   """
   is_stats = lambda x: isinstance(x, LayerStats)
 
