@@ -25,10 +25,12 @@ def _setup():
 
 def test_missing_layer_stats(setup):
   params, _, tx, state = setup
-  with pytest.raises(ValueError, match='needs the keyword argument layer_stats'):
+  with pytest.raises(ValueError,
+                     match='needs the keyword argument layer_stats'):
     tx.update(params, state, params)
   chained = bnp_optax.bnp(0.1)
-  with pytest.raises(ValueError, match='needs the keyword argument layer_stats'):
+  with pytest.raises(ValueError,
+                     match='needs the keyword argument layer_stats'):
     chained.update(params, chained.init(params), params)
 
 
@@ -61,7 +63,8 @@ def test_not_layer_stats(setup):
   params, stats, tx, state = setup
   wrong = dict(stats, Dense_0={'mean': stats['Dense_0'].mean})
   with pytest.raises(TypeError, match=re.escape(
-      "layer_stats['Dense_0/mean'] is a ArrayImpl, not a bnp_optax.LayerStats")):
+      "layer_stats['Dense_0/mean'] is a ArrayImpl, not a "
+      'bnp_optax.LayerStats')):
     tx.update(params, state, layer_stats=wrong)
 
 
@@ -104,7 +107,8 @@ def test_invalid_hyperparameters_under_inject_hyperparams():
 
 def test_layer_specs_naming_unknown_layer(setup):
   params, _, _, _ = setup
-  tx = bnp_optax.scale_by_bnp(layer_specs={'Nope': bnp_optax.LayerSpec((), (0,))})
+  tx = bnp_optax.scale_by_bnp(
+      layer_specs={'Nope': bnp_optax.LayerSpec((), (0,))})
   with pytest.raises(ValueError, match=re.escape(
       "layer_specs names layers with no kernel in the parameters: ['Nope']")):
     tx.init(params)

@@ -66,7 +66,8 @@ def test_dense_general_is_dense_on_the_flattened_input():
 def test_dense_general_batch_dims_are_separate_layers():
   rng = np.random.default_rng(1)
   with jax.enable_x64(True):
-    x = jnp.asarray(models.badly_scaled_inputs(rng, (3, 5, 4)))  # (heads, N, in)
+    # (heads, N, in)
+    x = jnp.asarray(models.badly_scaled_inputs(rng, (3, 5, 4)))
     general = nn.DenseGeneral(2, axis=-1, batch_dims=(0,))
     params = _f64(general.init(jax.random.key(0), x)['params'])
     assert params['kernel'].shape == (3, 4, 2)

@@ -57,7 +57,7 @@ def test_optimizer_step_matches_numpy_oracle():
           optax.softmax_cross_entropy_with_integer_labels(m(x), y)))(model)
       grads = jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
       # NumPy forward pass for the layers' inputs.
-      l0, l1 = before['layers'][0], before['layers'][1]
+      l0 = before['layers'][0]
       h1 = np.maximum(np.asarray(x) @ l0['kernel'] + l0['bias'], 0)
       norm = before['norm']
       h1n = (h1 - h1.mean(-1, keepdims=True)) / np.sqrt(

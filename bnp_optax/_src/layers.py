@@ -191,7 +191,7 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
 def flatten_layer_stats(
     layer_stats: Any,
 ) -> dict[str, statistics.LayerStats]:
-  """``{layer path: LayerStats}`` from the nested tree the integrations return."""
+  """``{layer path: LayerStats}`` from the tree the integrations return."""
   is_stats = lambda x: isinstance(x, statistics.LayerStats)
   flat = jax.tree_util.tree_flatten_with_path(layer_stats, is_leaf=is_stats)[0]
   result = {}
@@ -317,8 +317,9 @@ def describe_coverage(
   Example:
     >>> import jax.numpy as jnp
     >>> import bnp_optax
-    >>> params = {'Dense_0': {'kernel': jnp.zeros((3, 2)), 'bias': jnp.zeros(2)},
-    ...           'LayerNorm_0': {'scale': jnp.ones(2)}}
+    >>> params = {
+    ...     'Dense_0': {'kernel': jnp.zeros((3, 2)), 'bias': jnp.zeros(2)},
+    ...     'LayerNorm_0': {'scale': jnp.ones(2)}}
     >>> for path, role in bnp_optax.describe_coverage(params).items():
     ...   print(f'{path}: {role}')
     Dense_0/bias: dense bias

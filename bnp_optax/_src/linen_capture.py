@@ -141,7 +141,8 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     ...     bnp_optax.input_statistics(args[0]))
     >>> model = Affine(2)
     >>> x = jnp.ones((4, 3))
-    >>> _, stats = bnp_optax.linen.apply(model, model.init(jax.random.key(0), x), x)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> _, stats = bnp_optax.linen.apply(model, variables, x)
     >>> stats.mean.shape
     (3,)
   """

@@ -83,7 +83,7 @@ DENSE = LayerSpec(spatial_axes=(), fan_in_axes=(0,))
 
 
 def conv_spec(kernel_ndim: int, feature_groups: int = 1) -> LayerSpec:
-  """The layout of a Flax ``Conv`` kernel ``(*window, c_in / groups, c_out)``."""
+  """The layout of a Flax ``Conv`` kernel ``(*window, c_in/groups, c_out)``."""
   return LayerSpec(
       spatial_axes=tuple(range(kernel_ndim - 2)),
       fan_in_axes=(kernel_ndim - 2,),

@@ -62,7 +62,7 @@ def _check_hyperparameters(eps1, eps2, rho) -> None:
 def _place(
     vector: jax.Array, positions: tuple[int, ...], view_shape: tuple[int, ...]
 ) -> jax.Array:
-  """Broadcasts ``vector``, whose dims sit at kernel ``positions``, to the kernel."""
+  """Broadcasts ``vector`` (dims at kernel ``positions``) to the kernel."""
   order = sorted(range(len(positions)), key=lambda i: positions[i])
   vector = jnp.transpose(vector, order)
   shape = [1] * len(view_shape)

@@ -81,7 +81,8 @@ def main(argv=None):
   print(f'{args.dataset if args.data_dir else "digits"}: batch size '
         f'{args.batch_size}, {args.steps} steps, lr {args.learning_rate}, '
         f'seeds {args.seeds}')
-  print(f'{"debias":>6} {"seed":>4}  {"loss first " + str(args.early_steps):>14}'
+  first = f'loss first {args.early_steps}'
+  print(f'{"debias":>6} {"seed":>4}  {first:>14}'
         f'  {"loss all":>9}  {"test acc":>8}')
   results = {}
   for debias in (False, True):
