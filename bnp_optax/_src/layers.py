@@ -102,10 +102,6 @@ class Layer:
   kernel_shape: tuple[int, ...]
   explicit_spec: bool = False
 
-  @property
-  def name(self) -> str:
-    return path_to_str(self.path)
-
 
 @dataclasses.dataclass(frozen=True)
 class ParameterTree:

@@ -60,11 +60,10 @@ def dense_general_statistics(
   axis = tuple(a % x.ndim for a in (axis if isinstance(axis, (tuple, list))
                                     else (axis,)))
   batch_dims = tuple(a % x.ndim for a in batch_dims)
-  spec = statistics.dense_general_spec(len(batch_dims), len(axis))
-  if len(axis) == 1 and not batch_dims:
-    spec = statistics.DENSE
   return statistics.input_statistics(
-      x, feature_axes=batch_dims + axis, spec=spec
+      x,
+      feature_axes=batch_dims + axis,
+      spec=statistics.dense_general_spec(len(batch_dims), len(axis)),
   )
 
 

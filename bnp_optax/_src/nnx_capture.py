@@ -269,8 +269,6 @@ def layer_specs(model: nnx.Module) -> dict[str, statistics.LayerSpec]:
     if isinstance(node, nnx.LinearGeneral):
       specs[name] = statistics.dense_general_spec(
           len(node.batch_axis), len(node.axis))
-      if len(node.axis) == 1 and not node.batch_axis:
-        specs[name] = statistics.DENSE
     elif isinstance(node, nnx.Linear):
       specs[name] = statistics.DENSE
     elif isinstance(node, nnx.Conv):

@@ -94,7 +94,10 @@ def conv_spec(kernel_ndim: int, feature_groups: int = 1) -> LayerSpec:
 def dense_general_spec(
     num_batch_dims: int, num_contracted: int
 ) -> LayerSpec:
-  """The layout of a ``DenseGeneral`` kernel ``(*batch, *in, *out)``."""
+  """The layout of a ``DenseGeneral`` kernel ``(*batch, *in, *out)``.
+
+  With no batch dims and one contracted axis this is :data:`DENSE`.
+  """
   return LayerSpec(
       spatial_axes=(),
       fan_in_axes=tuple(
