@@ -18,10 +18,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import bnp_optax
-from bnp_optax.examples.digits import cross_entropy
+from bnp_optax.examples.digits import bnp_train_step
 from bnp_optax.examples.digits import FullyConnected
 
 
@@ -42,15 +41,7 @@ def run(data, *, debias: bool, seed: int, batch_size: int, steps: int,
   params = model.init(jax.random.key(seed), x_train[:1])['params']
   tx = bnp_optax.bnp(learning_rate, debias=debias)
   state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, x, y):
-    def loss_fn(params):
-      logits, stats = bnp_optax.linen.apply(model, {'params': params}, x)
-      return cross_entropy(logits, y), stats
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, state = tx.update(grads, state, params, layer_stats=stats)
-    return optax.apply_updates(params, updates), state, loss
+  step = bnp_train_step(model, tx)
 
   rng = np.random.default_rng(seed)
   order = np.concatenate([rng.permutation(len(x_train))

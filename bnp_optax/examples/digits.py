@@ -62,6 +62,24 @@ def cross_entropy(logits, labels):
       optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+def bnp_train_step(model, tx):
+  """The jit-compiled BNP training step: forward with statistics, update."""
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    def loss_fn(params):
+      logits, layer_stats = bnp_optax.linen.apply(
+          model, {'params': params}, x)
+      return cross_entropy(logits, y), layer_stats
+    (loss, layer_stats), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   layer_stats=layer_stats)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
 def train(method: str, data, *, epochs: int, batch_size: int,
           learning_rate: float, seed: int = 0):
   """Trains with 'sgd' or 'bnp'; yields (epoch, train loss, test accuracy)."""
@@ -75,21 +93,13 @@ def train(method: str, data, *, epochs: int, batch_size: int,
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, x, y):
-    if method == 'bnp':
-      def loss_fn(params):
-        logits, layer_stats = bnp_optax.linen.apply(
-            model, {'params': params}, x)
-        return cross_entropy(logits, y), layer_stats
-      (loss, layer_stats), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params,
-                                     layer_stats=layer_stats)
-    else:
-      loss, grads = jax.value_and_grad(
-          lambda p: cross_entropy(model.apply({'params': p}, x), y))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
+  def sgd_step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(
+        lambda p: cross_entropy(model.apply({'params': p}, x), y))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
+
+  step = bnp_train_step(model, tx) if method == 'bnp' else sgd_step
 
   @jax.jit
   def accuracy(params, x, y):
