@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bnp_optax._src import layers as layers_lib
@@ -135,74 +134,51 @@ def debiased(
   )
 
 
-class _Packed(NamedTuple):
-  """Layers whose statistics share a dtype, laid end to end in one vector.
+def precondition_layer(
+    kernel_grad: jax.Array,
+    bias_grad: jax.Array | None,
+    running: RunningStats,
+    spec: statistics.LayerSpec,
+    *,
+    batch_size: jax.Array,
+    positions: jax.Array,
+    eps1: chex.Numeric,
+    eps2: chex.Numeric,
+) -> tuple[jax.Array, jax.Array | None]:
+  r"""Steps 3-5 of Algorithms 2-3: ``(1/q^2) P P^T`` applied to one layer.
 
-  The small per-feature work of a step (running averages, guard,
-  regularised inverse) is done once on the concatenated vectors instead of
-  once per layer: on accelerators and CPUs alike every small operation is a
-  kernel launch, and a network has dozens of layers. ``offsets[i]`` is where
-  layer ``i``'s flattened statistics start. Every layer's statistics are
-  ``segments[i]`` contiguous runs of ``segment_sizes[i]`` features (one run
-  per output unit's fan-in: per slice along independent axes, per group of
-  a grouped convolution) over which ``max(sigma^2)`` is taken.
+  With ``mu``, ``sigma^2`` the running statistics (broadcast over the
+  kernel's window and output axes) and ``G_w``, ``G_b`` the raw gradients:
+
+  .. math::
+    \tilde\sigma^2 = \sigma^2 + \epsilon_1 \max(\sigma^2) + \epsilon_2,
+    \quad q^2 = \max(n_{in} / N, \sqrt{r s}),
+
+    G_w \leftarrow (G_w - \mu G_b) / \tilde\sigma^2 / q^2,
+    \quad G_b \leftarrow G_b / q^2 - \textstyle\sum \mu G_w,
+
+  the sum running over the window and fan-in axes, with the new ``G_w``.
+  ``n_in`` is the fan-in size (``k^2 c_in`` for a convolution) and ``r s = 1``
+  for a Dense layer, which gives the paper's ``q^2 = max(n_in / N, 1)``.
+  The maximum is taken over each output unit's inputs: over the layer's
+  fan-in, per group for a grouped convolution and per slice along
+  independent axes. Without a bias there is nothing to absorb the centring:
+  the kernel gradient is only scaled, ``G_w / \tilde\sigma^2 / q^2``.
+
+  Returns:
+    The preconditioned kernel and bias gradients, in their own dtypes.
   """
-
-  names: tuple[str, ...]
-  offsets: tuple[int, ...]
-  sizes: tuple[int, ...]
-  segments: tuple[int, ...]
-  segment_sizes: tuple[int, ...]
-
-  def split(self, vector: jax.Array) -> list[jax.Array]:
-    return [
-        vector[o : o + n] for o, n in zip(self.offsets, self.sizes)
-    ]
-
-  def per_feature(self, per_layer: list[jax.Array]) -> jax.Array:
-    """Broadcasts one value per layer (or per segment) to its features."""
-    return jnp.concatenate([
-        jnp.broadcast_to(
-            jnp.reshape(v, (-1, 1)), (m, k)
-        ).reshape(-1)
-        for v, m, k in zip(per_layer, self.segments, self.segment_sizes)
-    ])
-
-  def segment_reduce(self, vector: jax.Array, reduce_fn) -> list[jax.Array]:
-    """``reduce_fn`` over each segment, one (small) reduction per layer."""
-    return [
-        reduce_fn(part.reshape(m, k), axis=1)
-        for part, m, k in zip(
-            self.split(vector), self.segments, self.segment_sizes
-        )
-    ]
-
-
-def _segment_layout(
-    spec: statistics.LayerSpec, statistics_shape: tuple[int, ...]
-) -> tuple[int, int]:
-  """``(segments, segment size)`` of a layer's flattened statistics."""
-  independent = math.prod(statistics_shape[: len(spec.independent_axes)])
-  fan_in = math.prod(statistics_shape[len(spec.independent_axes) :])
-  groups = spec.feature_groups
-  return independent * groups, fan_in // groups
-
-
-def _view_shapes(spec, kernel_shape, stats_shape):
-  """The kernel and statistics shapes with a grouped output axis split.
-
-  Returns ``(view_shape, stats_view, spatial, fan_in, independent,
-  outputs)``: in the view, a grouped convolution's output axis is
-  ``(groups, outputs per group)`` and the group axis is independent (each
-  group has its own input channels); the statistics are indexed by the
-  view's independent then fan-in axes.
-  """
+  dtype = running.mean.dtype
+  kernel_shape = kernel_grad.shape
+  ndim = len(kernel_shape)
   spatial, fan_in = spec.spatial_axes, spec.fan_in_axes
   independent = spec.independent_axes
-  outputs = spec.output_axes(len(kernel_shape))
+  outputs = spec.output_axes(ndim)
+  mean, variance = running.mean, running.variance
   view_shape = tuple(kernel_shape)
-  stats_view = tuple(stats_shape)
   if spec.feature_groups > 1:
+    # View the output axis as (groups, outputs per group); the group axis is
+    # independent: each group has its own input channels.
     groups, (axis,) = spec.feature_groups, outputs
     view_shape = (
         kernel_shape[:axis]
@@ -213,178 +189,50 @@ def _view_shapes(spec, kernel_shape, stats_shape):
     spatial, fan_in = moved(spatial), moved(fan_in)
     independent = moved(independent) + (axis,)
     outputs = (axis + 1,)
-    stats_view = stats_shape[:-1] + (groups, stats_shape[-1] // groups)
-  return view_shape, stats_view, spatial, fan_in, independent, outputs
-
-
-def precondition_layer(
-    kernel_grad: jax.Array,
-    bias_grad: jax.Array | None,
-    spec: statistics.LayerSpec,
-    *,
-    mean: jax.Array,
-    inverse: jax.Array,
-    mean_square: jax.Array,
-    q_squared: jax.Array,
-) -> tuple[jax.Array, jax.Array | None]:
-  r"""Steps 4-5 of Algorithms 2-3: ``(1/q^2) P P^T`` applied to one layer.
-
-  With ``mu`` the running mean and ``s = \tilde\sigma^2 q^2`` (both
-  broadcast over the kernel's window and output axes) and ``G_w``, ``G_b``
-  the raw gradients:
-
-  .. math::
-    G_w \leftarrow (G_w - \mu G_b) / s,
-    \quad G_b \leftarrow G_b / q^2 - \textstyle\sum \mu G_w,
-
-  the sum running over the window and fan-in axes, with the new ``G_w``.
-  It is computed without a kernel-sized temporary, as
-  ``sum (mu / s) G_w - G_b |window| sum_{fan-in} mu^2 / s``, a contraction
-  of the raw gradient; the new ``G_w`` then has one consumer, the
-  optimizer's elementwise update, and fuses into it. Without a bias there
-  is nothing to absorb the centring: the kernel gradient is only scaled,
-  ``G_w / s``.
-
-  Args:
-    kernel_grad: the kernel gradient.
-    bias_grad: the bias gradient, or ``None``.
-    spec: the kernel's layout.
-    mean: ``mu``, the layer's statistics shape.
-    inverse: ``1 / s``, the layer's statistics shape.
-    mean_square: ``|window| sum_{fan-in} mu^2 / s``, one value per segment
-      (output unit's fan-in).
-    q_squared: ``q^2``, a scalar.
-
-  Returns:
-    The preconditioned kernel and bias gradients, in their own dtypes.
-  """
-  dtype = mean.dtype
-  kernel_shape = kernel_grad.shape
-  view_shape, stats_view, _, fan_in, independent, outputs = _view_shapes(
-      spec, kernel_shape, mean.shape
-  )
+    stats_shape = mean.shape[:-1] + (groups, mean.shape[-1] // groups)
+    mean, variance = mean.reshape(stats_shape), variance.reshape(stats_shape)
   stats_positions = independent + fan_in
-  mean, inverse = mean.reshape(stats_view), inverse.reshape(stats_view)
-  wide_inverse = _place(inverse, stats_positions, view_shape)
+  fan_in_dims = tuple(range(len(independent), len(stats_positions)))
+  eps1 = jnp.asarray(eps1, dtype)
+  eps2 = jnp.asarray(eps2, dtype)
+  largest = jnp.max(variance, axis=fan_in_dims, keepdims=True)
+  regularised = variance + eps1 * largest + eps2
+  q_squared = jnp.maximum(
+      spec.fan_in_size(kernel_shape) / batch_size.astype(dtype),
+      jnp.sqrt(positions.astype(dtype)),
+  )
+  inverse_stats = 1 / (regularised * q_squared)
+  inverse = _place(inverse_stats, stats_positions, view_shape)
   g_w = kernel_grad.astype(dtype).reshape(view_shape)
   if bias_grad is None:
-    new_g_w = g_w * wide_inverse
+    new_g_w = g_w * inverse
     return new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype), None
   bias_positions = independent + outputs
   bias_view = tuple(view_shape[a] for a in bias_positions)
   g_b = bias_grad.astype(dtype).reshape(bias_view)
   wide_mean = _place(mean, stats_positions, view_shape)
   new_g_w = (g_w - wide_mean * _place(g_b, bias_positions, view_shape)) * (
-      wide_inverse
+      inverse
   )
-  # A leading unit axis keeps the contraction a matrix product: XLA:CPU
-  # hands ``(1, n) @ (n, m)`` to its GEMM library but compiles a loop for
-  # the vector-matrix ``(n,) @ (n, m)``, which costs compile time.
-  letters = 'abcdefghijklmnopqrstuvwxy'[: len(view_shape)]
+  # sum_{window, fan-in} mu G_w' without a kernel-sized temporary:
+  # G_w' = (G_w - mu G_b) / s, so the sum is
+  # sum mu/s G_w  -  G_b |window| sum_{fan-in} mu^2/s, a contraction.
+  scaled_mean = mean * inverse_stats
+  letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view_shape)]
   absorbed = jnp.einsum(
-      'z' + ''.join(letters[p] for p in stats_positions) + ',' + letters
-      + '->z' + ''.join(letters[p] for p in bias_positions),
-      (mean * inverse)[None], g_w, precision=jax.lax.Precision.HIGHEST,
-  )[0]
-  mean_square = mean_square.reshape(
-      stats_view[: len(independent)] + (1,) * len(outputs)
+      ''.join(letters[p] for p in stats_positions) + ',' + letters + '->'
+      + ''.join(letters[p] for p in bias_positions),
+      scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
   )
-  new_g_b = g_b / q_squared - (absorbed - mean_square * g_b)
+  window = math.prod(view_shape[a] for a in spatial)
+  mean_square = window * jnp.sum(mean * scaled_mean, axis=fan_in_dims)
+  absorbed = absorbed - mean_square.reshape(
+      mean_square.shape + (1,) * len(outputs)) * g_b
+  new_g_b = g_b / q_squared - absorbed
   return (
       new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype),
       new_g_b.reshape(bias_grad.shape).astype(bias_grad.dtype),
   )
-
-
-def _precondition_layers(
-    names, tree, specs, stats, running_stats, leaves, *, dtype, count, rho,
-    eps1, eps2, debias,
-) -> dict[str, RunningStats]:
-  """Steps 2-5 for layers whose statistics have one dtype.
-
-  Steps 2-3 (running averages, ``sigma~^2``, ``q^2``, the inverse) are done
-  on all the layers' statistics at once, concatenated; step 4-5 per layer.
-  Writes the preconditioned gradients into ``leaves``.
-
-  Returns:
-    The new running statistics of these layers.
-  """
-  layers = [tree.layers[name] for name in names]
-  shapes = [running_stats[name].mean.shape for name in names]
-  sizes = tuple(math.prod(shape) for shape in shapes)
-  layout = [
-      _segment_layout(specs[name], shape) for name, shape in zip(names, shapes)
-  ]
-  packed = _Packed(
-      names=tuple(names),
-      offsets=tuple(int(o) for o in np.cumsum((0,) + sizes[:-1])),
-      sizes=sizes,
-      segments=tuple(m for m, _ in layout),
-      segment_sizes=tuple(k for _, k in layout),
-  )
-  concat = lambda vectors: jnp.concatenate(
-      [v.astype(dtype).reshape(-1) for v in vectors]
-  )
-  batches = [stats[name] for name in names]
-  batch = statistics.LayerStats(
-      mean=concat([b.mean for b in batches]),
-      variance=concat([b.variance for b in batches]),
-      count=packed.per_feature([b.count for b in batches]),
-      batch_size=None,
-      positions=None,
-  )
-  running = RunningStats(
-      mean=concat([running_stats[name].mean for name in names]),
-      variance=concat([running_stats[name].variance for name in names]),
-  )
-  running = update_running_stats(running, batch, rho)
-  new_running = {
-      name: RunningStats(mean.reshape(shape), variance.reshape(shape))
-      for name, shape, mean, variance in zip(
-          names, shapes, packed.split(running.mean),
-          packed.split(running.variance),
-      )
-  }
-  if debias:
-    running = debiased(running, rho, count)
-  mean, variance = running
-  largest = packed.segment_reduce(variance, jnp.max)
-  fan_in_sizes = jnp.asarray(
-      [specs[n].fan_in_size(layer.kernel_shape)
-       for n, layer in zip(names, layers)], dtype)
-  q_squared = jnp.maximum(
-      fan_in_sizes / jnp.stack([b.batch_size for b in batches]).astype(dtype),
-      jnp.sqrt(jnp.stack([b.positions for b in batches]).astype(dtype)),
-  )
-  per_layer_q = [q_squared[i] for i in range(len(names))]
-  regularised = (
-      variance
-      + jnp.asarray(eps1, dtype) * packed.per_feature(largest)
-      + jnp.asarray(eps2, dtype)
-  )
-  inverse = 1 / (regularised * packed.per_feature(per_layer_q))
-  windows = [
-      math.prod(layer.kernel_shape[a] for a in specs[n].spatial_axes)
-      for n, layer in zip(names, layers)
-  ]
-  mean_squares = packed.segment_reduce(mean * mean * inverse, jnp.sum)
-  for i, (name, layer, layer_mean, layer_inverse) in enumerate(
-      zip(names, layers, packed.split(mean), packed.split(inverse))
-  ):
-    bias_grad = None if layer.bias_index is None else leaves[layer.bias_index]
-    new_kernel, new_bias = precondition_layer(
-        leaves[layer.kernel_index],
-        bias_grad,
-        specs[name],
-        mean=layer_mean.reshape(shapes[i]),
-        inverse=layer_inverse.reshape(shapes[i]),
-        mean_square=windows[i] * mean_squares[i],
-        q_squared=per_layer_q[i],
-    )
-    leaves[layer.kernel_index] = new_kernel
-    if new_bias is not None:
-      leaves[layer.bias_index] = new_bias
-  return new_running
 
 
 def scale_by_bnp(
@@ -516,27 +364,38 @@ def scale_by_bnp(
           f'{sorted(tree.layers)}; was the state made for another model?'
       )
     count = optax.safe_increment(state.count)
-    by_dtype: dict[Any, list[str]] = {}
-    for name, layer in tree.layers.items():
-      running = state.running_stats[name]
-      if running.mean.shape != specs[name].statistics_shape(
-          layer.kernel_shape
-      ):
-        raise ValueError(layers_lib.state_mismatch_message(
-            name, running.mean.shape, specs[name], layer.kernel_shape))
-      by_dtype.setdefault(jnp.dtype(running.mean.dtype), []).append(name)
     leaves = list(tree.leaves)
     new_running = {}
-    for dtype, names in by_dtype.items():
-      new_running.update(_precondition_layers(
-          names, tree, specs, stats, state.running_stats, leaves,
-          dtype=dtype, count=count, rho=rho, eps1=eps1, eps2=eps2,
-          debias=debias,
-      ))
+    for name, layer in tree.layers.items():
+      spec = specs[name]
+      running = state.running_stats[name]
+      if running.mean.shape != spec.statistics_shape(layer.kernel_shape):
+        raise ValueError(layers_lib.state_mismatch_message(
+            name, running.mean.shape, spec, layer.kernel_shape))
+      batch = stats[name]
+      running = update_running_stats(running, batch, rho)
+      new_running[name] = running
+      if debias:
+        running = debiased(running, rho, count)
+      bias_grad = (
+          None if layer.bias_index is None else leaves[layer.bias_index]
+      )
+      new_kernel, new_bias = precondition_layer(
+          leaves[layer.kernel_index],
+          bias_grad,
+          running,
+          spec,
+          batch_size=batch.batch_size,
+          positions=batch.positions,
+          eps1=eps1,
+          eps2=eps2,
+      )
+      leaves[layer.kernel_index] = new_kernel
+      if new_bias is not None:
+        leaves[layer.bias_index] = new_bias
     new_updates = jax.tree_util.tree_unflatten(tree.treedef, leaves)
     return new_updates, ScaleByBNPState(
-        count=count,
-        running_stats={name: new_running[name] for name in tree.layers},
+        count=count, running_stats=new_running
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
