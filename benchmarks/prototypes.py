@@ -549,3 +549,71 @@ VARIANTS['dot2pass_stats_only'] = (
     _dot2pass, lambda: optax.chain(store_statistics(), optax.sgd(1e-3)))
 VARIANTS['dot2pass_vectorised'] = (
     _dot2pass, lambda: optax.chain(scale_by_bnp_vectorised(), optax.sgd(1e-3)))
+
+
+def _core_apply_with_reductions(model, variables, x):
+  """``bnp_optax.linen.apply`` with the column sums as XLA reductions.
+
+  The core takes the statistics' column sums as a GEMV with ones on CPU
+  (``statistics._column_sums``); this variant traces the core with plain
+  ``jnp.sum`` instead, to measure that choice side by side.
+  """
+  import bnp_optax  # pylint: disable=import-outside-toplevel
+  from bnp_optax._src import statistics  # pylint: disable=import-outside-toplevel
+
+  original = statistics._column_sums  # pylint: disable=protected-access
+  statistics._column_sums = lambda rows: jnp.sum(rows, axis=0)
+  try:
+    return bnp_optax.linen.apply(model, variables, x)
+  finally:
+    statistics._column_sums = original
+
+
+VARIANTS['core_reduce_stats'] = (
+    _core_apply_with_reductions, lambda: _core_bnp())
+
+
+def _core_bnp():
+  import bnp_optax  # pylint: disable=import-outside-toplevel
+  return bnp_optax.bnp(1e-3)
+
+
+def _core_apply_patched(column_sums):
+  """``bnp_optax.linen.apply`` traced with another ``_column_sums``."""
+
+  def apply(model, variables, x):
+    import bnp_optax  # pylint: disable=import-outside-toplevel
+    from bnp_optax._src import statistics  # pylint: disable=import-outside-toplevel
+
+    original = statistics._column_sums  # pylint: disable=protected-access
+    statistics._column_sums = column_sums
+    try:
+      return bnp_optax.linen.apply(model, variables, x)
+    finally:
+      statistics._column_sums = original
+
+  return apply
+
+
+def _gemv(rows):
+  return jnp.dot(jnp.ones(rows.shape[:1], rows.dtype), rows,
+                 precision=lax.Precision.HIGHEST)
+
+
+def _gemv_if_few_rows(rows):
+  return _gemv(rows) if rows.shape[0] <= 128 else jnp.sum(rows, axis=0)
+
+
+_calls = [0]
+
+
+def _gemv_for_mean_only(rows):
+  # input_statistics calls the column sums for the mean, then the variance.
+  _calls[0] += 1
+  return _gemv(rows) if _calls[0] % 2 else jnp.sum(rows, axis=0)
+
+
+VARIANTS['core_gemv_few_rows'] = (
+    _core_apply_patched(_gemv_if_few_rows), lambda: _core_bnp())
+VARIANTS['core_gemv_mean_only'] = (
+    _core_apply_patched(_gemv_for_mean_only), lambda: _core_bnp())

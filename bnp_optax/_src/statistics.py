@@ -153,17 +153,27 @@ def statistics_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _column_sums(rows: jax.Array) -> jax.Array:
-  """``rows.sum(0)``, as a matrix-vector product on CPU.
+# Up to this many rows, XLA:CPU sums columns faster as a GEMV (below).
+_CPU_GEMV_MAX_ROWS = 128
 
-  XLA:CPU runs a column reduction of a ``(batch, features)`` matrix as a
-  loop that is several times slower than the library GEMV ``1^T rows``
-  (about 65 us against 15 us for the paper's ``60 x 784`` input on a
-  2-core x86 machine, jaxlib 0.10; ``benchmarks/RESULTS.md``). Elsewhere
-  the reduction stays a reduction, which XLA fuses with the producer of the
-  rows. ``HIGHEST`` keeps the sums in full float32 on hardware whose
-  default matmul precision is lower.
+
+def _column_sums(rows: jax.Array) -> jax.Array:
+  """``rows.sum(0)``; on CPU, for few rows, as a matrix-vector product.
+
+  XLA:CPU runs the column reduction of a short, wide ``(rows, features)``
+  matrix several times slower than the library GEMV ``1^T rows`` (about
+  65 us against 15 us for the paper's ``60 x 784`` input on a 2-core x86
+  machine, jaxlib 0.10). With more rows the GEMV loses: its operand must be
+  materialised (the squared deviations, a temporary the size of the layer
+  input), where the reduction fuses with its producer. Measured in one
+  interleaved run (``benchmarks/RESULTS.md``, BNP step / SGD step): FC
+  batch 60 1.14 (GEMV) vs 1.17 (reduction), batch 512 1.11 (GEMV for all)
+  vs 1.07 (reduction), CNN batch 2 1.07 (GEMV for all) vs 1.02 (GEMV for
+  the Dense layers only). Other platforms always reduce. ``HIGHEST`` keeps
+  the sums in full float32.
   """
+  if rows.shape[0] > _CPU_GEMV_MAX_ROWS:
+    return jnp.sum(rows, axis=0)
 
   def as_product(rows):
     ones = jnp.ones(rows.shape[:1], rows.dtype)
