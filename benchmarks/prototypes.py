@@ -1,7 +1,8 @@
 """Prototype BNP implementations, to measure changes to the core side by side.
 
-Self-contained (no ``bnp_optax._src`` import), so that it measures the same
-thing while the core changes. It handles what the benchmark networks need:
+Self-contained (no ``bnp_optax`` import outside the ``core_*`` variants),
+so that it measures the same thing while the core changes. It handles what
+the benchmark networks need:
 Flax ``Dense`` and ``Conv`` layers with Flax kernel layouts (``(n_in,
 n_out)``, ``(*window, c_in, c_out)``). ``proto_base`` is a line-by-line copy
 of the algorithm of the core at commit 23ebe53 (statistics shifted by the
@@ -37,7 +38,19 @@ one or a few things:
   no preconditioning, to split BNP's cost into statistics and update;
 - ``bnp_fused`` = ``matvec`` + ``finite1``; ``bnp_lean`` = ``matvec2`` +
   ``finite_elem``; ``proposed`` = ``matvec`` + ``finite_elem`` + the core's
-  two-pass statistics: the changes recommended for the core.
+  two-pass statistics: the changes recommended for the core;
+- ``vectorised``: all layers' small-vector work at once on a packed state;
+- ``grouped_stats_only``, ``grouped_vectorised``: the inputs of all layers
+  with the same number of rows concatenated and reduced together;
+- ``dot2pass_stats_only``, ``dot2pass_vectorised``: two-pass statistics
+  with the column sums as GEMVs with ones;
+- ``core_reduce_stats``, ``core_gemv_few_rows``, ``core_gemv_mean_only``:
+  the committed core traced with another ``statistics._column_sums``
+  (reductions only; GEMV up to 128 rows, which the core now does; GEMV for
+  the mean only), to measure the core's choice side by side.
+
+Apart from the ``core_*`` variants this module does not import
+``bnp_optax``.
 """
 
 from collections.abc import Mapping
