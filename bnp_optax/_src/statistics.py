@@ -162,7 +162,7 @@ def _column_sums(rows: jax.Array) -> jax.Array:
 
   XLA:CPU runs the column reduction of a short, wide ``(rows, features)``
   matrix several times slower than the library GEMV ``1^T rows`` (about
-  65 us against 15 us for the paper's ``60 x 784`` input on a 2-core x86
+  65 us against ~10 us for the paper's ``60 x 784`` input on a 2-core x86
   machine, jaxlib 0.10). With more rows the GEMV loses: its operand must be
   materialised (the squared deviations, a temporary the size of the layer
   input), where the reduction fuses with its producer. Measured in one
