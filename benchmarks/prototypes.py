@@ -168,8 +168,12 @@ def _stats(x, rows, mean, var, num_batch_axes, positions):
                f(math.prod(x.shape[:num_batch_axes])), f(positions))
 
 
-def make_apply(stats_fn):
-  """``apply(model, variables, x) -> (y, stats)``, stats like the params."""
+def _intercept(record):
+  """A method interceptor calling ``record(module, x, nb, positions)``.
+
+  ``nb`` is the number of batch axes of the layer input ``x``, ``positions``
+  the output positions per example (1 for Dense).
+  """
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
@@ -181,13 +185,21 @@ def make_apply(stats_fn):
     if module.is_initializing():
       return y
     if isinstance(module, nn.Dense):
-      s = stats_fn(x, x.ndim - 1, 1)
+      record(module, x, x.ndim - 1, 1)
     else:
       nsp = len(module.kernel_size)
       positions = math.prod(y.shape[y.ndim - nsp - 1:-1])
-      s = stats_fn(x, x.ndim - nsp - 1, positions)
-    module.sow(COLLECTION, 'stats', s)
+      record(module, x, x.ndim - nsp - 1, positions)
     return y
+
+  return intercept
+
+
+def make_apply(stats_fn):
+  """``apply(model, variables, x) -> (y, stats)``, stats like the params."""
+
+  intercept = _intercept(lambda module, x, nb, positions: module.sow(
+      COLLECTION, 'stats', stats_fn(x, nb, positions)))
 
   def collect(tree):
     if 'stats' in tree:
@@ -475,24 +487,8 @@ def make_grouped_apply():
   reductions for the whole network instead of two per layer.
   """
 
-  def intercept(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != '__call__' or not isinstance(
-        module, (nn.Dense, nn.Conv)):
-      return next_fun(*args, **kwargs)
-    x = args[0] if args else kwargs['inputs']
-    y = next_fun(*args, **kwargs)
-    if module.is_initializing():
-      return y
-    if isinstance(module, nn.Dense):
-      nb, positions = x.ndim - 1, 1
-    else:
-      nsp = len(module.kernel_size)
-      positions = math.prod(y.shape[y.ndim - nsp - 1:-1])
-      nb = x.ndim - nsp - 1
-    module.sow(COLLECTION, 'inputs',
-               (lax.stop_gradient(x), nb, positions))
-    return y
+  intercept = _intercept(lambda module, x, nb, positions: module.sow(
+      COLLECTION, 'inputs', (lax.stop_gradient(x), nb, positions)))
 
   def apply(model, variables, x):
     with nn.intercept_methods(intercept):
@@ -564,35 +560,17 @@ VARIANTS['dot2pass_vectorised'] = (
     _dot2pass, lambda: optax.chain(scale_by_bnp_vectorised(), optax.sgd(1e-3)))
 
 
-def _core_apply_with_reductions(model, variables, x):
-  """``bnp_optax.linen.apply`` with the column sums as XLA reductions.
-
-  The core takes the statistics' column sums as a GEMV with ones on CPU
-  (``statistics._column_sums``); this variant traces the core with plain
-  ``jnp.sum`` instead, to measure that choice side by side.
-  """
-  import bnp_optax  # pylint: disable=import-outside-toplevel
-  from bnp_optax._src import statistics  # pylint: disable=import-outside-toplevel
-
-  original = statistics._column_sums  # pylint: disable=protected-access
-  statistics._column_sums = lambda rows: jnp.sum(rows, axis=0)
-  try:
-    return bnp_optax.linen.apply(model, variables, x)
-  finally:
-    statistics._column_sums = original
-
-
-VARIANTS['core_reduce_stats'] = (
-    _core_apply_with_reductions, lambda: _core_bnp())
-
-
 def _core_bnp():
   import bnp_optax  # pylint: disable=import-outside-toplevel
   return bnp_optax.bnp(1e-3)
 
 
 def _core_apply_patched(column_sums):
-  """``bnp_optax.linen.apply`` traced with another ``_column_sums``."""
+  """``bnp_optax.linen.apply`` traced with another ``_column_sums``.
+
+  The core's ``statistics._column_sums`` is swapped while the step is
+  traced, to measure its choice (GEMV up to 128 rows on CPU) side by side.
+  """
 
   def apply(model, variables, x):
     import bnp_optax  # pylint: disable=import-outside-toplevel
@@ -626,6 +604,9 @@ def _gemv_for_mean_only(rows):
   return _gemv(rows) if _calls[0] % 2 else jnp.sum(rows, axis=0)
 
 
+VARIANTS['core_reduce_stats'] = (
+    _core_apply_patched(lambda rows: jnp.sum(rows, axis=0)),
+    lambda: _core_bnp())
 VARIANTS['core_gemv_few_rows'] = (
     _core_apply_patched(_gemv_if_few_rows), lambda: _core_bnp())
 VARIANTS['core_gemv_mean_only'] = (
