@@ -7,6 +7,8 @@ condition-number tools, each imported on first use.
 
 import importlib
 
+from bnp_optax._src.accumulate import AccumulatedStats
+from bnp_optax._src.accumulate import BNPMultiStepsState
 from bnp_optax._src.accumulate import multi_steps
 from bnp_optax._src.accumulate import MultiStepsState
 from bnp_optax._src.alias import bnp
@@ -32,6 +34,8 @@ def __getattr__(name):
 
 
 __all__ = [
+    'AccumulatedStats',
+    'BNPMultiStepsState',
     'LayerSpec',
     'LayerStats',
     'MultiStepsState',

@@ -9,27 +9,88 @@ import optax
 
 from bnp_optax._src import layers as layers_lib
 from bnp_optax._src import statistics
+from bnp_optax._src import transform
 
 
-class MultiStepsState(NamedTuple):
+class AccumulatedStats(NamedTuple):
+  """One layer's statistics merged over the micro-steps so far.
+
+  The fields of :class:`~bnp_optax.LayerStats` less its static layout, as a
+  ``NamedTuple`` so that the state serialises with ``flax.serialization``
+  and orbax like any optax state. An empty accumulator has ``count == 0``.
+  """
+
+  mean: jax.Array
+  mean_residual: jax.Array
+  variance: jax.Array
+  count: jax.Array
+  batch_size: jax.Array
+  positions: jax.Array
+
+  @classmethod
+  def empty(cls, shape, dtype) -> 'AccumulatedStats':
+    zeros = jnp.zeros(shape, dtype)
+    zero = jnp.zeros([], jnp.float32)
+    return cls(zeros, zeros, zeros, zero, zero, zero)
+
+  @classmethod
+  def of(cls, stats: statistics.LayerStats, dtype) -> 'AccumulatedStats':
+    residual = stats.mean_residual
+    if residual is None:
+      residual = jnp.zeros_like(stats.mean)
+    return cls(
+        stats.mean.astype(dtype), residual.astype(dtype),
+        stats.variance.astype(dtype), stats.count, stats.batch_size,
+        stats.positions,
+    )
+
+  def as_layer_stats(self, dtype) -> statistics.LayerStats:
+    return statistics.LayerStats(
+        mean=self.mean.astype(dtype), variance=self.variance.astype(dtype),
+        count=self.count, batch_size=self.batch_size,
+        positions=self.positions,
+        mean_residual=self.mean_residual.astype(dtype),
+    )
+
+
+class BNPMultiStepsState(NamedTuple):
   """State of :func:`multi_steps`.
+
+  Not ``optax.MultiStepsState`` (which is the ``inner`` field here): the
+  step counters are ``state.inner.mini_step`` and
+  ``state.inner.gradient_step``.
 
   Attributes:
     inner: the state of the wrapped ``optax.MultiSteps``.
-    accumulated_stats: ``{layer path: LayerStats}``, the statistics of the
-      micro-steps of the current accumulation, merged exactly.
+    accumulated_stats: ``{layer path: AccumulatedStats}``, the statistics
+      of the micro-steps of the current accumulation, merged exactly.
   """
 
   inner: optax.MultiStepsState
-  accumulated_stats: dict[str, statistics.LayerStats]
+  accumulated_stats: dict[str, AccumulatedStats]
 
 
-def _empty_stats(shape, dtype) -> statistics.LayerStats:
-  zero = jnp.zeros([], jnp.float32)
-  return statistics.LayerStats(
-      mean=jnp.zeros(shape, dtype), variance=jnp.zeros(shape, dtype),
-      count=zero, batch_size=zero, positions=zero,
-  )
+# The name of earlier releases.
+MultiStepsState = BNPMultiStepsState
+
+
+def _running_stats_of(inner_state: Any) -> dict[str, transform.RunningStats]:
+  """The running statistics of every ``scale_by_bnp`` in ``inner_state``."""
+  is_bnp = lambda x: isinstance(x, transform.ScaleByBNPState)
+  found = {}
+  for node in jax.tree.leaves(inner_state, is_leaf=is_bnp):
+    if is_bnp(node) and isinstance(node.running_stats, dict):
+      found.update(node.running_stats)
+  return found
+
+
+class MultiStepsTransformation(optax.GradientTransformationExtraArgs):
+  """What :func:`multi_steps` returns: a transformation with ``has_updated``."""
+
+  def has_updated(self, state: BNPMultiStepsState) -> jax.Array:
+    """Whether the last ``update`` applied the optimizer (as optax's)."""
+    return jnp.logical_and(
+        state.inner.mini_step == 0, state.inner.gradient_step > 0)
 
 
 def multi_steps(
@@ -51,53 +112,58 @@ def multi_steps(
   Args:
     optimizer: the optimizer, containing :func:`scale_by_bnp`.
     every_k_schedule: as for ``optax.MultiSteps``.
-    layer_specs: the ``layer_specs`` given to :func:`scale_by_bnp`, if any.
+    layer_specs: not needed (the statistics are sized from the inner
+      optimizer's state); accepted for compatibility and ignored.
     **multi_steps_kwargs: other arguments of ``optax.MultiSteps``
       (``use_grad_mean``, ``should_skip_update_fn``).
 
   Returns:
     A transformation whose ``update`` takes ``layer_stats=`` every
-    micro-step.
+    micro-step, with ``has_updated(state)`` as ``optax.MultiSteps`` has.
 
   Example:
     >>> import bnp_optax
+    >>> import jax.numpy as jnp
     >>> tx = bnp_optax.multi_steps(bnp_optax.bnp(0.1), every_k_schedule=4)
+    >>> state = tx.init({'Dense_0': {'kernel': jnp.zeros((3, 2))}})
+    >>> bool(tx.has_updated(state))
+    False
 
   References:
     S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
     for Neural Network Training*, Journal of Machine Learning Research, 2022
     (Algorithm 2, whose batch statistics are those of the whole batch).
   """
+  del layer_specs  # The accumulator is sized from the inner state.
   accumulator = optax.MultiSteps(
       optimizer, every_k_schedule, **multi_steps_kwargs
   )
 
   def init_fn(params):
-    tree = layers_lib.parse_tree(params, layer_specs)
-    stats = {}
-    for name, layer in tree.layers.items():
-      dtype = statistics.statistics_dtype(tree.leaves[layer.kernel_index].dtype)
-      stats[name] = _empty_stats(
-          layer.spec.statistics_shape(layer.kernel_shape), dtype)
-    return MultiStepsState(accumulator.init(params), stats)
+    inner = accumulator.init(params)
+    if transform.is_params_placeholder(params):
+      return BNPMultiStepsState(inner, transform.NOT_PARAMETERS)
+    stats = {
+        name: AccumulatedStats.empty(running.mean.shape, running.mean.dtype)
+        for name, running in _running_stats_of(inner).items()
+    }
+    return BNPMultiStepsState(inner, stats)
 
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     if layer_stats is None:
       raise ValueError(
           'multi_steps: update() needs the keyword argument layer_stats, the '
-          'statistics of this micro-step.'
+          'statistics of this micro-step (from bnp_optax.linen.apply or '
+          'bnp_optax.nnx.apply).'
       )
     current = layers_lib.flatten_layer_stats(layer_stats)
     merged = {}
     for name, stats in current.items():
       if name in state.accumulated_stats:
         stored = state.accumulated_stats[name]
-        stats = statistics.merge_statistics([
-            stored.replace(mean=stored.mean.astype(stats.mean.dtype),
-                           variance=stored.variance.astype(stats.mean.dtype)),
-            stats,
-        ])
+        stats = statistics.merge_statistics(
+            [stored.as_layer_stats(stats.mean.dtype), stats])
       merged[name] = stats
     new_updates, inner = accumulator.update(
         updates, state.inner, params, layer_stats=merged, **extra_args
@@ -106,12 +172,12 @@ def multi_steps(
     skipped = (inner.mini_step == state.inner.mini_step) & ~emitted
     accumulated = {}
     for name, stored in state.accumulated_stats.items():
-      new = merged.get(name, stored).replace(spec=None)
+      new = (AccumulatedStats.of(merged[name], stored.mean.dtype)
+             if name in merged else stored)
       accumulated[name] = jax.tree.map(
           lambda old, new: jnp.where(
-              emitted, jnp.zeros_like(old),
-              jnp.where(skipped, old, new.astype(old.dtype))),
+              emitted, jnp.zeros_like(old), jnp.where(skipped, old, new)),
           stored, new)
-    return new_updates, MultiStepsState(inner, accumulated)
+    return new_updates, BNPMultiStepsState(inner, accumulated)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return MultiStepsTransformation(init_fn, update_fn)

@@ -1,6 +1,6 @@
 """BNP combined with an optimizer, as one transformation."""
 
-import chex
+from jax.typing import ArrayLike
 import optax
 
 from bnp_optax._src import layers as layers_lib
@@ -12,9 +12,9 @@ def bnp(
     momentum: float | None = None,
     nesterov: bool = False,
     *,
-    eps1: chex.Numeric = transform.DEFAULT_EPS1,
-    eps2: chex.Numeric = transform.DEFAULT_EPS2,
-    rho: chex.Numeric = transform.DEFAULT_RHO,
+    eps1: ArrayLike = transform.DEFAULT_EPS1,
+    eps2: ArrayLike = transform.DEFAULT_EPS2,
+    rho: ArrayLike = transform.DEFAULT_RHO,
     debias: bool = False,
     layer_specs: layers_lib.LayerSpecs = None,
 ) -> optax.GradientTransformationExtraArgs:

@@ -133,6 +133,11 @@ class LayerStats:
       output size for strided or VALID convolutions), ``1`` for Dense. Used
       for ``q``.
     spec: the kernel layout, or ``None`` to let the optimizer infer it.
+    mean_residual: what ``mean`` lost to rounding (the mean is
+      ``mean + mean_residual``), or ``None`` for zero. Only merging needs it:
+      a float32 mean 1e6 times the spread is rounded by a good part of the
+      spread, which would bias the spread of the means that
+      :func:`merge_statistics` and :func:`all_reduce_statistics` add.
   """
 
   mean: jax.Array
@@ -143,9 +148,17 @@ class LayerStats:
   spec: LayerSpec | None = dataclasses.field(
       default=None, metadata=dict(static=True)
   )
+  mean_residual: jax.Array | None = None
 
   def replace(self, **changes) -> 'LayerStats':
     return dataclasses.replace(self, **changes)
+
+  def deviation_from(self, reference: jax.Array) -> jax.Array:
+    """``mean - reference``, the residual included, exactly where close."""
+    deviation = self.mean - reference
+    if self.mean_residual is None:
+      return deviation
+    return deviation + self.mean_residual
 
 
 def statistics_dtype(dtype) -> jnp.dtype:
@@ -184,6 +197,50 @@ def _column_sums(rows: jax.Array) -> jax.Array:
   )
 
 
+def _column_sums_pair(deviations: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sum d, sum d^2)`` over rows: two GEMVs on CPU for few rows, else one
+  variadic reduction, so the two sums share one pass over ``d``."""
+  if deviations.shape[0] <= _CPU_GEMV_MAX_ROWS:
+    reduce_both = lambda d: (
+        jnp.sum(d, axis=0), jnp.sum(jnp.square(d), axis=0))
+    return lax.platform_dependent(
+        deviations,
+        cpu=lambda d: (_column_sums(d), _column_sums(jnp.square(d))),
+        default=reduce_both,
+    )
+  zero = jnp.zeros((), deviations.dtype)
+  return lax.reduce(
+      (deviations, jnp.square(deviations)), (zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,),
+  )
+
+
+def _corrected_two_pass(
+    rows: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Column means and biased variances of ``rows``, accurate in float32.
+
+  The first pass gives a mean ``m`` with a rounding error ``e``; the second
+  sums the deviations ``d = x - m`` and their squares. The squares' mean is
+  ``var + e^2``, and ``mean(d) = -e`` measures the error, so
+
+  ``mean = m + mean(d)``, ``var = mean(d^2) - mean(d)^2``
+
+  (Chan, Golub and LeVeque, 1983, eq. 1.7) removes it at the cost of one
+  more column sum of ``d``, which the GEMV path gets from the same operand
+  and the reduction path from the same fused loop.
+
+  Returns:
+    The means, the part of them that float rounding dropped (see
+    ``LayerStats.mean_residual``) and the variances.
+  """
+  count = rows.shape[0]
+  shift = _column_sums(rows) / count
+  deviations = rows - shift[None, :]
+  deviation_sum, square_sum = _column_sums_pair(deviations)
+  return _combine_about(shift, count, deviation_sum, square_sum)
+
+
 def input_statistics(
     inputs: jax.Array,
     *,
@@ -194,11 +251,12 @@ def input_statistics(
 ) -> LayerStats:
   """Mean and biased variance of ``inputs`` over all but the feature axes.
 
-  Two reductions: the mean, then the mean squared deviation from it, so that
-  a large mean with a small spread keeps its variance (the one-pass
-  ``E[x^2] - E[x]^2`` loses it in float32) and no slice of the batch is
-  needed (a batch sharded across devices is reduced as one). No gradient
-  flows through the statistics.
+  The corrected two-pass algorithm (:func:`_corrected_two_pass`), so that a
+  large mean with a small spread keeps its variance in float32 (the one-pass
+  ``E[x^2] - E[x]^2`` loses it entirely, the plain two-pass by a few percent
+  at a mean 1e6 times the spread) and no slice of the batch is needed (a
+  batch sharded across devices is reduced as one). No gradient flows through
+  the statistics.
 
   Args:
     inputs: the layer input.
@@ -236,8 +294,7 @@ def input_statistics(
   count = rows.shape[0]
   if count == 0:
     raise ValueError('cannot take statistics of an empty batch')
-  mean = _column_sums(rows) / count
-  variance = _column_sums(jnp.square(rows - mean[None, :])) / count
+  mean, mean_residual, variance = _corrected_two_pass(rows)
   if batch_axes is None:
     batch_size = count
   else:
@@ -250,6 +307,7 @@ def input_statistics(
       batch_size=scalar(batch_size),
       positions=scalar(positions),
       spec=spec,
+      mean_residual=mean_residual.reshape(feature_shape),
   )
 
 
@@ -258,6 +316,23 @@ def _common_spec(stats: Sequence[LayerStats]) -> LayerSpec | None:
   if len(specs) > 1:
     raise ValueError(f'cannot merge statistics of different layouts {specs}')
   return specs.pop() if specs else None
+
+
+def _combine_about(reference, total, deviation_sum, square_sum):
+  """The corrected two-pass rule about ``reference``.
+
+  From the count-weighted sums of deviations from ``reference`` (``sum d``
+  and ``sum d^2``, or for merged statistics ``sum c (m - ref)`` and
+  ``sum c (v + (m - ref)^2)``): the mean ``ref + shift`` as a rounded value
+  and its residual, and the variance ``sum d^2 / total - shift^2``.
+  """
+  safe_total = jnp.maximum(total, 1)
+  shift = deviation_sum / safe_total
+  variance = jnp.maximum(square_sum / safe_total - jnp.square(shift), 0)
+  mean = reference + shift
+  # Exact when mean and reference are close (Sterbenz): what rounding lost.
+  residual = (reference - mean) + shift
+  return mean, residual, variance
 
 
 def merge_statistics(stats: Sequence[LayerStats]) -> LayerStats:
@@ -289,17 +364,28 @@ def merge_statistics(stats: Sequence[LayerStats]) -> LayerStats:
   spec = _common_spec(stats)
   if len(stats) == 1:
     return stats[0].replace(spec=spec)
+  # Deviations from one call's mean (the one with most data, so an empty
+  # accumulator's zero mean is never the reference) are exact in float
+  # arithmetic where the means are close; the corrected two-pass rule then
+  # keeps a large mean with a small spread accurate, as in input_statistics.
+  reference, reference_count = stats[0].mean, stats[0].count
+  for s in stats[1:]:
+    reference = jnp.where(s.count > reference_count, s.mean, reference)
+    reference_count = jnp.maximum(s.count, reference_count)
   total = sum(s.count for s in stats)
-  safe_total = jnp.maximum(total, 1)
-  mean = sum(s.count * s.mean for s in stats) / safe_total
-  variance = sum(
-      s.count * (s.variance + jnp.square(s.mean - mean)) for s in stats
-  ) / safe_total
+  deviations = [s.deviation_from(reference) for s in stats]
+  mean, residual, variance = _combine_about(
+      reference, total,
+      sum(s.count * d for s, d in zip(stats, deviations)),
+      sum(s.count * (s.variance + jnp.square(d))
+          for s, d in zip(stats, deviations)),
+  )
   batch_size = sum(s.batch_size for s in stats)
   positions = sum(s.batch_size * s.positions for s in stats) / jnp.maximum(
       batch_size, 1
   )
-  return LayerStats(mean, variance, total, batch_size, positions, spec)
+  return LayerStats(mean, variance, total, batch_size, positions, spec,
+                    residual)
 
 
 def all_reduce_statistics(stats, axis_name) -> object:
@@ -340,17 +426,23 @@ def all_reduce_statistics(stats, axis_name) -> object:
         (s.count, s.count * s.mean, s.batch_size, s.batch_size * s.positions),
         axis_name,
     )
-    mean = weighted_mean / total
-    spread = lax.psum(
-        s.count * (s.variance + jnp.square(s.mean - mean)), axis_name
-    )
+    # The first round's mean is the same on every device: a common reference
+    # whose rounding error the corrected two-pass rule removes.
+    reference = weighted_mean / total
+    deviation = s.deviation_from(reference)
+    mean, residual, variance = _combine_about(reference, total, *lax.psum(
+        (s.count * deviation,
+         s.count * (s.variance + jnp.square(deviation))),
+        axis_name,
+    ))
     return LayerStats(
         mean=mean,
-        variance=spread / total,
+        variance=variance,
         count=total,
         batch_size=batch_size,
         positions=weighted_positions / batch_size,
         spec=s.spec,
+        mean_residual=residual,
     )
 
   return jax.tree.map(reduce_one, stats, is_leaf=is_stats)

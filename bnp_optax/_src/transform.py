@@ -3,9 +3,10 @@
 import math
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+import numpy as np
 import optax
 
 from bnp_optax._src import layers as layers_lib
@@ -15,6 +16,33 @@ from bnp_optax._src import statistics
 DEFAULT_EPS1 = 1e-2
 DEFAULT_EPS2 = 1e-4
 DEFAULT_RHO = 0.99
+
+
+class _NotParameters:
+  """Marks state that ``optax.tree.map_params`` must not map ``f`` over."""
+
+  def __repr__(self):
+    return 'NOT_PARAMETERS'
+
+
+# A pytree leaf (an unregistered object), so map_params hands the whole
+# subtree it stands for to transform_non_params.
+NOT_PARAMETERS = _NotParameters()
+
+
+def is_params_placeholder(params: Any) -> bool:
+  """Whether ``init`` is called by ``optax.tree.map_params``.
+
+  ``map_params`` calls ``init`` with a placeholder, to find where the state
+  holds copies of the parameter tree. BNP's running statistics are not such
+  copies (one fan-in vector pair per layer), so for the placeholder ``init``
+  marks them with :data:`NOT_PARAMETERS`: ``f`` never sees them and
+  ``transform_non_params``, if given, receives the whole
+  ``{layer: RunningStats}`` dict. ``optax.masked`` detects the placeholder
+  the same way.
+  """
+  return type(params).__name__ == '_ParamsPlaceholder' and (
+      type(params).__module__.startswith('optax'))
 
 
 class RunningStats(NamedTuple):
@@ -44,19 +72,72 @@ class ScaleByBNPState(NamedTuple):
   running_stats: dict[str, RunningStats]
 
 
-def _is_concrete(value: Any) -> bool:
-  return not isinstance(value, jax.core.Tracer)
+MISSING_LAYER_STATS = (
+    'scale_by_bnp: update() needs the keyword argument layer_stats, the '
+    'input statistics of every Dense/Conv layer from this forward pass, and '
+    'got none. Get them with `output, layer_stats = bnp_optax.linen.apply('
+    'model, variables, x)` (or bnp_optax.nnx.apply(model, x)) and pass them '
+    'on: `tx.update(grads, opt_state, params, layer_stats=layer_stats)`. '
+    "Flax's own flax.training.train_state.TrainState.apply_gradients drops "
+    'them: use bnp_optax.linen.TrainState, whose apply_gradients(grads=..., '
+    'layer_stats=...) forwards them; with NNX, call '
+    '`optimizer.update(model, grads, layer_stats=layer_stats)`. '
+    'optax.MultiSteps forwards only the last micro-step\'s: use '
+    'bnp_optax.multi_steps.'
+)
+
+
+def _concrete_value(value: Any) -> np.ndarray | None:
+  """``value`` as a NumPy array, or ``None`` when it is only known at run time.
+
+  Python and NumPy numbers (and concrete JAX arrays) are read without
+  creating a JAX operation, so the check also runs inside ``jax.jit`` or
+  ``jax.eval_shape`` (e.g. an optimizer built in a jitted
+  ``create_train_state``), where any ``jnp`` operation would be traced.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def _check_hyperparameters(eps1, eps2, rho) -> None:
-  """Rejects invalid concrete values; traced ones are trusted."""
+  """Rejects invalid values that are known now; traced ones are clipped later.
+
+  Raises:
+    ValueError: naming the argument, for a negative or non-finite ``eps1`` or
+      ``eps2``, or a ``rho`` outside ``[0, 1)``.
+  """
   for name, value in (('eps1', eps1), ('eps2', eps2)):
-    if _is_concrete(value) and not bool(jnp.all(jnp.asarray(value) >= 0)):
+    v = _concrete_value(value)
+    if v is not None and not np.all(np.isfinite(v)):
+      raise ValueError(f'scale_by_bnp: {name} must be finite, got {value}.')
+    if v is not None and not np.all(v >= 0):
       raise ValueError(f'scale_by_bnp: {name} must be >= 0, got {value}.')
-  if _is_concrete(rho):
-    r = jnp.asarray(rho)
-    if not bool(jnp.all((r >= 0) & (r < 1))):
-      raise ValueError(f'scale_by_bnp: rho must be in [0, 1), got {rho}.')
+  v = _concrete_value(rho)
+  if v is not None and not np.all((v >= 0) & (v < 1)):
+    raise ValueError(f'scale_by_bnp: rho must be in [0, 1), got {rho}.')
+
+
+def clip_hyperparameters(eps1, eps2, rho, dtype):
+  """The run-time rule for values that could not be checked when built.
+
+  Values set through ``optax.inject_hyperparams`` (or otherwise traced) are
+  only known inside the step. Rather than let a bad one corrupt the running
+  statistics, they are clipped into the valid range: ``rho`` into
+  ``[0, 1]`` (``rho = 1`` freezes the statistics, ``rho > 1`` would
+  extrapolate them to negative variances), ``eps1`` and ``eps2`` to
+  ``>= 0``. Valid values pass unchanged.
+
+  Returns:
+    ``(eps1, eps2, rho)`` as arrays of ``dtype``.
+  """
+  eps1 = jnp.maximum(jnp.asarray(eps1, dtype), 0)
+  eps2 = jnp.maximum(jnp.asarray(eps2, dtype), 0)
+  rho = jnp.clip(jnp.asarray(rho, dtype), 0, 1)
+  return eps1, eps2, rho
 
 
 def _place(
@@ -71,12 +152,10 @@ def _place(
   return vector.reshape(shape)
 
 
-def update_running_stats(
-    running: RunningStats,
-    batch: statistics.LayerStats,
-    rho: chex.Numeric,
-) -> RunningStats:
-  """Step 2 of Algorithms 2-3, with the batch-size-1 rule and a finite guard.
+def batch_variance(
+    batch: statistics.LayerStats, running_mean: jax.Array
+) -> jax.Array:
+  """The batch variance that step 2 averages in: the batch-size-1 rule.
 
   When the batch statistics summarise a single value per feature
   (``count == 1``: a Dense layer at batch size 1), the batch variance is
@@ -86,38 +165,108 @@ def update_running_stats(
   ``h``. (A Conv layer at batch size 1 still has ``r * s`` values per channel
   and uses their variance, Eq. 22.)
 
-  Where a feature's batch statistics are not finite, its running statistics
-  are left unchanged, so one bad batch cannot poison them.
+  Args:
+    batch: this step's batch statistics.
+    running_mean: the running mean before this step.
+
+  Returns:
+    ``sigma_H^2``, in the dtype of ``running_mean``.
+  """
+  dtype = running_mean.dtype
+  variance = batch.variance.astype(dtype)
+  deviation = jnp.square(batch.mean.astype(dtype) - running_mean)
+  return jnp.where(batch.count == 1, variance + deviation, variance)
+
+
+def update_running_stats(
+    running: RunningStats,
+    batch: statistics.LayerStats,
+    rho: ArrayLike,
+) -> RunningStats:
+  """Step 2 of Algorithms 2-3, with the batch-size-1 rule and a finite guard.
+
+  ``mu <- rho mu + (1 - rho) mu_H`` and
+  ``sigma^2 <- rho sigma^2 + (1 - rho) sigma_H^2``, with ``sigma_H^2`` from
+  :func:`batch_variance`. Where a feature's batch statistics are not finite,
+  its running statistics are left unchanged, so one bad batch cannot poison
+  them.
 
   Args:
     running: the running statistics before this step.
     batch: this step's batch statistics.
-    rho: the decay of the running averages.
+    rho: the decay of the running averages, in ``[0, 1]``.
 
   Returns:
     The running statistics after this step.
   """
   dtype = running.mean.dtype
   batch_mean = batch.mean.astype(dtype)
-  batch_variance = batch.variance.astype(dtype)
-  batch_variance = jnp.where(
-      batch.count == 1,
-      batch_variance + jnp.square(batch_mean - running.mean),
-      batch_variance,
-  )
+  batch_var = batch_variance(batch, running.mean)
   rho = jnp.asarray(rho, dtype)
   mean = rho * running.mean + (1 - rho) * batch_mean
-  variance = rho * running.variance + (1 - rho) * batch_variance
+  variance = rho * running.variance + (1 - rho) * batch_var
   # Per feature, so the guard fuses into the update (no reduction).
-  finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_variance)
+  finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
   return RunningStats(
       mean=jnp.where(finite, mean, running.mean),
       variance=jnp.where(finite, variance, running.variance),
   )
 
 
+def regularised_variance(
+    variance: jax.Array,
+    eps1: ArrayLike,
+    eps2: ArrayLike,
+    *,
+    fan_in_axes: tuple[int, ...] = (-1,),
+) -> jax.Array:
+  r"""Step 3 of Algorithms 2-3: :math:`\tilde\sigma^2`.
+
+  .. math::
+    \tilde\sigma^2 = \sigma^2 + \epsilon_1 \max(\sigma^2) + \epsilon_2,
+
+  the maximum taken over one output unit's inputs (``fan_in_axes`` of
+  ``variance``; the other axes index independent layers).
+
+  Args:
+    variance: running variances ``sigma^2``.
+    eps1: relative regulariser.
+    eps2: absolute regulariser.
+    fan_in_axes: the axes of ``variance`` the maximum runs over.
+
+  Returns:
+    ``sigma~^2``, shaped like ``variance``.
+  """
+  dtype = variance.dtype
+  largest = jnp.max(variance, axis=fan_in_axes, keepdims=True)
+  return (variance + jnp.asarray(eps1, dtype) * largest
+          + jnp.asarray(eps2, dtype))
+
+
+def q_squared(
+    fan_in_size: int | jax.Array,
+    batch_size: jax.Array,
+    positions: jax.Array,
+    dtype=jnp.float32,
+) -> jax.Array:
+  r"""The scaling :math:`q^2 = \max(n_{in} / N, \sqrt{r s})` (Sec. 3.3, 4).
+
+  ``n_in`` is the number of inputs of one output unit (``k^2 c_in`` for a
+  convolution), ``N`` the batch size and ``r s`` the number of output
+  positions per example (``1`` for a Dense layer, giving the paper's
+  ``max(n_in / N, 1)``).
+
+  Returns:
+    ``q^2`` as a scalar of ``dtype``.
+  """
+  return jnp.maximum(
+      jnp.asarray(fan_in_size, dtype) / jnp.asarray(batch_size, dtype),
+      jnp.sqrt(jnp.asarray(positions, dtype)),
+  )
+
+
 def debiased(
-    running: RunningStats, rho: chex.Numeric, count: jax.Array
+    running: RunningStats, rho: ArrayLike, count: jax.Array
 ) -> RunningStats:
   r"""Removes the pull of the initial ``mu = 0, sigma^2 = 1`` (as Adam does).
 
@@ -128,9 +277,15 @@ def debiased(
   dtype = running.mean.dtype
   decay = jnp.asarray(rho, dtype) ** count.astype(dtype)
   weight = 1 - decay
+  # rho = 1 (clipped into range at run time) never moves the averages off
+  # their initial values: nothing to debias, and no 0 / 0.
+  moved = weight > 0
+  safe = jnp.where(moved, weight, 1)
   return RunningStats(
-      mean=running.mean / weight,
-      variance=jnp.maximum((running.variance - decay) / weight, 0),
+      mean=jnp.where(moved, running.mean / safe, running.mean),
+      variance=jnp.where(
+          moved, jnp.maximum((running.variance - decay) / safe, 0),
+          running.variance),
   )
 
 
@@ -142,8 +297,8 @@ def precondition_layer(
     *,
     batch_size: jax.Array,
     positions: jax.Array,
-    eps1: chex.Numeric,
-    eps2: chex.Numeric,
+    eps1: ArrayLike,
+    eps2: ArrayLike,
 ) -> tuple[jax.Array, jax.Array | None]:
   r"""Steps 3-5 of Algorithms 2-3: ``(1/q^2) P P^T`` applied to one layer.
 
@@ -193,15 +348,12 @@ def precondition_layer(
     mean, variance = mean.reshape(stats_shape), variance.reshape(stats_shape)
   stats_positions = independent + fan_in
   fan_in_dims = tuple(range(len(independent), len(stats_positions)))
-  eps1 = jnp.asarray(eps1, dtype)
-  eps2 = jnp.asarray(eps2, dtype)
-  largest = jnp.max(variance, axis=fan_in_dims, keepdims=True)
-  regularised = variance + eps1 * largest + eps2
-  q_squared = jnp.maximum(
-      spec.fan_in_size(kernel_shape) / batch_size.astype(dtype),
-      jnp.sqrt(positions.astype(dtype)),
-  )
-  inverse_stats = 1 / (regularised * q_squared)
+  regularised = regularised_variance(
+      variance, eps1, eps2, fan_in_axes=fan_in_dims)
+  q2 = q_squared(spec.fan_in_size(kernel_shape), batch_size, positions, dtype)
+  # Only a regulariser of zero on an input that never varied reaches the
+  # floor; it keeps the update finite (the paper's 1/sigma~^2 would be inf).
+  inverse_stats = 1 / jnp.maximum(regularised * q2, jnp.finfo(dtype).eps)
   inverse = _place(inverse_stats, stats_positions, view_shape)
   g_w = kernel_grad.astype(dtype).reshape(view_shape)
   if bias_grad is None:
@@ -228,7 +380,7 @@ def precondition_layer(
   mean_square = window * jnp.sum(mean * scaled_mean, axis=fan_in_dims)
   absorbed = absorbed - mean_square.reshape(
       mean_square.shape + (1,) * len(outputs)) * g_b
-  new_g_b = g_b / q_squared - absorbed
+  new_g_b = g_b / q2 - absorbed
   return (
       new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype),
       new_g_b.reshape(bias_grad.shape).astype(bias_grad.dtype),
@@ -237,9 +389,9 @@ def precondition_layer(
 
 def scale_by_bnp(
     *,
-    eps1: chex.Numeric = DEFAULT_EPS1,
-    eps2: chex.Numeric = DEFAULT_EPS2,
-    rho: chex.Numeric = DEFAULT_RHO,
+    eps1: ArrayLike = DEFAULT_EPS1,
+    eps2: ArrayLike = DEFAULT_EPS2,
+    rho: ArrayLike = DEFAULT_RHO,
     debias: bool = False,
     layer_specs: layers_lib.LayerSpecs = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -275,10 +427,17 @@ def scale_by_bnp(
   size for the paper's stride-1 SAME convolutions.
 
   Args:
-    eps1: relative regulariser of the variance, ``>= 0``.
-    eps2: absolute regulariser of the variance, ``>= 0``.
+    eps1: relative regulariser of the variance, finite and ``>= 0``.
+    eps2: absolute regulariser of the variance, finite and ``>= 0``.
     rho: decay of the running averages, in ``[0, 1)``; ``0`` uses the batch
-      statistics alone.
+      statistics alone. Values known when the transformation is built
+      (Python or NumPy numbers, also inside ``jax.jit``/``jax.eval_shape``)
+      are checked then and a bad one raises ``ValueError``; values that are
+      only known at run time (``optax.inject_hyperparams``) are clipped into
+      range each step (``rho`` into ``[0, 1]``, ``eps1``, ``eps2`` to
+      ``>= 0``), and ``1 / (sigma~^2 q^2)`` is capped at ``1 / machine
+      epsilon`` so that ``eps1 = eps2 = 0`` on an input that never varies
+      still gives finite updates.
     debias: not in the paper, off by default. When true, the statistics used
       to precondition are the running averages with the pull of their initial
       values removed, ``(avg - rho^t init) / (1 - rho^t)`` after ``t`` steps,
@@ -324,6 +483,9 @@ def scale_by_bnp(
   _check_hyperparameters(eps1, eps2, rho)
 
   def init_fn(params: optax.Params) -> ScaleByBNPState:
+    if is_params_placeholder(params):
+      return ScaleByBNPState(
+          count=jnp.zeros([], jnp.int32), running_stats=NOT_PARAMETERS)
     tree = layers_lib.parse_tree(params, layer_specs)
     running = {}
     for name, layer in tree.layers.items():
@@ -347,13 +509,7 @@ def scale_by_bnp(
   ) -> tuple[optax.Updates, ScaleByBNPState]:
     del params, extra_args
     if layer_stats is None:
-      raise ValueError(
-          'scale_by_bnp: update() needs the keyword argument layer_stats, the '
-          'input statistics of every Dense/Conv layer from this forward pass; '
-          'get them with `output, layer_stats = bnp_optax.linen.apply(model, '
-          'variables, x)` and call `tx.update(grads, state, params, '
-          'layer_stats=layer_stats)`.'
-      )
+      raise ValueError(MISSING_LAYER_STATS)
     tree = layers_lib.parse_tree(updates, layer_specs)
     stats = layers_lib.flatten_layer_stats(layer_stats)
     specs = layers_lib.match_statistics(tree, stats)
@@ -373,10 +529,12 @@ def scale_by_bnp(
         raise ValueError(layers_lib.state_mismatch_message(
             name, running.mean.shape, spec, layer.kernel_shape))
       batch = stats[name]
-      running = update_running_stats(running, batch, rho)
+      layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
+          eps1, eps2, rho, running.mean.dtype)
+      running = update_running_stats(running, batch, layer_rho)
       new_running[name] = running
       if debias:
-        running = debiased(running, rho, count)
+        running = debiased(running, layer_rho, count)
       bias_grad = (
           None if layer.bias_index is None else leaves[layer.bias_index]
       )
@@ -387,8 +545,8 @@ def scale_by_bnp(
           spec,
           batch_size=batch.batch_size,
           positions=batch.positions,
-          eps1=eps1,
-          eps2=eps2,
+          eps1=layer_eps1,
+          eps2=layer_eps2,
       )
       leaves[layer.kernel_index] = new_kernel
       if new_bias is not None:
