@@ -163,13 +163,27 @@ def _train(tx, params, batches, model, state=None):
   return params, state
 
 
+# Every public state, each mid-way (multi_steps stops mid-accumulation).
+_OPTIMIZERS = {
+    'bnp': lambda: bnp_optax.bnp(0.1, momentum=0.9),
+    'scale_by_bnp+adam': lambda: optax.chain(
+        bnp_optax.scale_by_bnp(debias=True), optax.adam(1e-2)),
+    'multi_steps': lambda: bnp_optax.multi_steps(
+        bnp_optax.bnp(0.1, momentum=0.9), every_k_schedule=2),
+    'inject_hyperparams': lambda: optax.inject_hyperparams(bnp_optax.bnp)(
+        learning_rate=0.1, rho=0.9),
+}
+
+
+@pytest.mark.parametrize('optimizer', sorted(_OPTIMIZERS))
 @pytest.mark.parametrize('backend', ['flax.serialization', 'orbax'])
-def test_checkpoint_mid_training_continues_bit_identically(backend, tmp_path):
+def test_checkpoint_mid_training_continues_bit_identically(
+    backend, optimizer, tmp_path):
   model = models.MLP()
   rng = np.random.default_rng(5)
   batches = [_batch(rng, 3) for _ in range(6)]
   params = model.init(jax.random.key(0), batches[0][0])['params']
-  tx = bnp_optax.bnp(0.1, momentum=0.9)
+  tx = _OPTIMIZERS[optimizer]()
   want_params, want_state = _train(tx, params, batches, model)
   mid_params, mid_state = _train(tx, params, batches[:3], model)
   target = (jax.tree.map(jnp.zeros_like, mid_params),
