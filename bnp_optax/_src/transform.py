@@ -1,6 +1,5 @@
 """The BNP gradient transformation (Lange, Helfrich & Ye, Algorithms 2-3)."""
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import optax
 
 from bnp_optax._src import layers as layers_lib
+from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 # The paper's defaults (Algorithm 2).
@@ -138,18 +138,6 @@ def clip_hyperparameters(eps1, eps2, rho, dtype):
   eps2 = jnp.maximum(jnp.asarray(eps2, dtype), 0)
   rho = jnp.clip(jnp.asarray(rho, dtype), 0, 1)
   return eps1, eps2, rho
-
-
-def _place(
-    vector: jax.Array, positions: tuple[int, ...], view_shape: tuple[int, ...]
-) -> jax.Array:
-  """Broadcasts ``vector`` (dims at kernel ``positions``) to the kernel."""
-  order = sorted(range(len(positions)), key=lambda i: positions[i])
-  vector = jnp.transpose(vector, order)
-  shape = [1] * len(view_shape)
-  for dim, position in zip(vector.shape, sorted(positions)):
-    shape[position] = dim
-  return vector.reshape(shape)
 
 
 def batch_variance(
@@ -293,7 +281,7 @@ def precondition_layer(
     kernel_grad: jax.Array,
     bias_grad: jax.Array | None,
     running: RunningStats,
-    spec: statistics.LayerSpec,
+    spec: layout.LayerSpec,
     *,
     batch_size: jax.Array,
     positions: jax.Array,
@@ -325,61 +313,40 @@ def precondition_layer(
   """
   dtype = running.mean.dtype
   kernel_shape = kernel_grad.shape
-  ndim = len(kernel_shape)
-  spatial, fan_in = spec.spatial_axes, spec.fan_in_axes
-  independent = spec.independent_axes
-  outputs = spec.output_axes(ndim)
-  mean, variance = running.mean, running.variance
-  view_shape = tuple(kernel_shape)
-  if spec.feature_groups > 1:
-    # View the output axis as (groups, outputs per group); the group axis is
-    # independent: each group has its own input channels.
-    groups, (axis,) = spec.feature_groups, outputs
-    view_shape = (
-        kernel_shape[:axis]
-        + (groups, kernel_shape[axis] // groups)
-        + kernel_shape[axis + 1 :]
-    )
-    moved = lambda axes: tuple(a if a < axis else a + 1 for a in axes)
-    spatial, fan_in = moved(spatial), moved(fan_in)
-    independent = moved(independent) + (axis,)
-    outputs = (axis + 1,)
-    stats_shape = mean.shape[:-1] + (groups, mean.shape[-1] // groups)
-    mean, variance = mean.reshape(stats_shape), variance.reshape(stats_shape)
-  stats_positions = independent + fan_in
-  fan_in_dims = tuple(range(len(independent), len(stats_positions)))
+  view = layout.kernel_view(spec, kernel_shape)
+  mean = view.statistics(running.mean)
+  variance = view.statistics(running.variance)
+  fan_in_dims = tuple(
+      range(len(view.independent), len(view.statistics_axes)))
   regularised = regularised_variance(
       variance, eps1, eps2, fan_in_axes=fan_in_dims)
   q2 = q_squared(spec.fan_in_size(kernel_shape), batch_size, positions, dtype)
   # Only a regulariser of zero on an input that never varied reaches the
   # floor; it keeps the update finite (the paper's 1/sigma~^2 would be inf).
   inverse_stats = 1 / jnp.maximum(regularised * q2, jnp.finfo(dtype).eps)
-  inverse = _place(inverse_stats, stats_positions, view_shape)
-  g_w = kernel_grad.astype(dtype).reshape(view_shape)
+  inverse = view.place(inverse_stats, view.statistics_axes)
+  g_w = kernel_grad.astype(dtype).reshape(view.shape)
   if bias_grad is None:
     new_g_w = g_w * inverse
     return new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype), None
-  bias_positions = independent + outputs
-  bias_view = tuple(view_shape[a] for a in bias_positions)
-  g_b = bias_grad.astype(dtype).reshape(bias_view)
-  wide_mean = _place(mean, stats_positions, view_shape)
-  new_g_w = (g_w - wide_mean * _place(g_b, bias_positions, view_shape)) * (
-      inverse
-  )
+  g_b = bias_grad.astype(dtype).reshape(
+      tuple(view.shape[a] for a in view.bias_axes))
+  new_g_w = (g_w - view.place(mean, view.statistics_axes)
+             * view.place(g_b, view.bias_axes)) * inverse
   # sum_{window, fan-in} mu G_w' without a kernel-sized temporary:
   # G_w' = (G_w - mu G_b) / s, so the sum is
   # sum mu/s G_w  -  G_b |window| sum_{fan-in} mu^2/s, a contraction.
   scaled_mean = mean * inverse_stats
-  letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view_shape)]
+  letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view.shape)]
   absorbed = jnp.einsum(
-      ''.join(letters[p] for p in stats_positions) + ',' + letters + '->'
-      + ''.join(letters[p] for p in bias_positions),
+      ''.join(letters[p] for p in view.statistics_axes) + ',' + letters
+      + '->' + ''.join(letters[p] for p in view.bias_axes),
       scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
   )
-  window = math.prod(view_shape[a] for a in spatial)
-  mean_square = window * jnp.sum(mean * scaled_mean, axis=fan_in_dims)
+  mean_square = view.window_size * jnp.sum(
+      mean * scaled_mean, axis=fan_in_dims)
   absorbed = absorbed - mean_square.reshape(
-      mean_square.shape + (1,) * len(outputs)) * g_b
+      mean_square.shape + (1,) * len(view.outputs)) * g_b
   new_g_b = g_b / q2 - absorbed
   return (
       new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype),
