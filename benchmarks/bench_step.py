@@ -36,6 +36,7 @@ This is a benchmark, not a test: it asserts nothing about time.
 
 import argparse
 from collections import Counter
+from collections.abc import Callable
 import dataclasses
 import json
 import math
@@ -45,7 +46,7 @@ import re
 import statistics as pystats
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_models  # noqa: E402
-import bnp_optax  # noqa: E402
+import bench_models
+import bnp_optax
 
 LEARNING_RATE = 1e-3
 
@@ -243,7 +244,7 @@ def _copy(tree):
 def _memory(compiled) -> dict[str, int] | None:
   try:
     m = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001  (not every backend implements it)
+  except Exception:  # not every backend implements it
     return None
   if m is None:
     return None
@@ -260,7 +261,7 @@ def _memory(compiled) -> dict[str, int] | None:
 def _cost(compiled) -> dict[str, float]:
   try:
     c = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001
+  except Exception:
     return {}
   if isinstance(c, list):
     c = c[0] if c else {}

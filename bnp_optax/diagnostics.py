@@ -43,8 +43,8 @@ __all__ = [
     'conv_mean_error_bound',
     'hessian_from_inputs',
     'kappa_d',
-    'neuron_hessian',
-    'neuron_hessian_autodiff',
+    'neuron_hessian',  # noqa: F822 (loaded by __getattr__)
+    'neuron_hessian_autodiff',  # noqa: F822
     'patch_statistics',
     'preconditioner',
 ]

@@ -9,7 +9,7 @@ import pytest
 
 import bnp_optax
 from bnp_optax import diagnostics
-import bnp_optax.linen  # noqa: F401  (registers the lazy submodule)
+import bnp_optax.linen  # registers the lazy submodule
 from tests import models
 
 

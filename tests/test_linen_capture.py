@@ -7,8 +7,8 @@ import chex
 import flax.linen as nn
 from flax.training import train_state
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jax_core
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

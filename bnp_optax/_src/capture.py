@@ -257,7 +257,7 @@ class LayerRegistry:
     return None
 
   def layout_of_type(self, module_type: type) -> LayoutFn | None:
-    """The layout function ``module_type`` would get from its registered base."""
+    """The layout function of the registered base class of ``module_type``."""
     for registered, layer_type in self._entries:
       if isinstance(module_type, type) and issubclass(module_type, registered):
         return layer_type.layout
