@@ -155,7 +155,11 @@ class LayerType:
     layout: ``layout_fn(module)``, the kernel layout read from the module's
       attributes, or ``None`` when the layout is known only from the
       statistics (a registered type without a layout function) or the type
-      is refused.
+      is refused. ``nnx.layer_specs`` reads it from the model's modules;
+      ``linen.layer_specs`` traces the model instead (linen modules exist
+      only inside ``apply``) and reads the ``spec`` recorded with the
+      statistics, which the built-in statistics functions take from the
+      same attributes.
   """
 
   statistics: StatisticsFn
