@@ -36,6 +36,7 @@ This is a benchmark, not a test: it asserts nothing about time.
 
 import argparse
 from collections import Counter
+from collections.abc import Callable
 import dataclasses
 import json
 import math
@@ -45,7 +46,7 @@ import re
 import statistics as pystats
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_models  # noqa: E402
-import bnp_optax  # noqa: E402
+import bench_models
+import bnp_optax
 
 LEARNING_RATE = 1e-3
 
@@ -114,32 +115,27 @@ def sgd_variant(case, vanilla, bn_vars):
   return step, (vanilla, tx.init(vanilla))
 
 
-def bnp_like_variant(apply_fn, make_tx):
-  """A BNP variant from ``apply_fn(model, variables, x) -> (y, stats)``."""
+def bnp_variant(case, vanilla, bn_vars):
+  del bn_vars
+  model = case.model(batch_norm=False)
+  tx = bnp_optax.bnp(LEARNING_RATE)
 
-  def variant(case, vanilla, bn_vars):
-    del bn_vars
-    model = case.model(batch_norm=False)
-    tx = make_tx()
+  def step(state, x, y):
+    params, opt_state = state
 
-    def step(state, x, y):
-      params, opt_state = state
+    def loss_fn(p):
+      logits, layer_stats = bnp_optax.linen.apply(model, {'params': p}, x)
+      return _loss(logits, y), layer_stats
 
-      def loss_fn(p):
-        logits, layer_stats = apply_fn(model, {'params': p}, x)
-        return _loss(logits, y), layer_stats
+    (loss, layer_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params
+    )
+    updates, opt_state = tx.update(
+        grads, opt_state, params, layer_stats=layer_stats
+    )
+    return (optax.apply_updates(params, updates), opt_state), loss
 
-      (loss, layer_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params
-      )
-      updates, opt_state = tx.update(
-          grads, opt_state, params, layer_stats=layer_stats
-      )
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    return step, (vanilla, tx.init(vanilla))
-
-  return variant
+  return step, (vanilla, tx.init(vanilla))
 
 
 def bn_variant(case, vanilla, bn_vars):
@@ -169,21 +165,9 @@ def bn_variant(case, vanilla, bn_vars):
 
 VARIANTS: dict[str, Callable[..., Any]] = {
     'sgd': sgd_variant,
-    'bnp': bnp_like_variant(
-        bnp_optax.linen.apply, lambda: bnp_optax.bnp(LEARNING_RATE)
-    ),
+    'bnp': bnp_variant,
     'bn': bn_variant,
 }
-
-
-def _register_prototypes() -> None:
-  """Adds the prototype variants of benchmarks/prototypes.py, if present."""
-  try:
-    import prototypes  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return
-  for name, (apply_fn, make_tx) in prototypes.VARIANTS.items():
-    VARIANTS[name] = bnp_like_variant(apply_fn, make_tx)
 
 
 # ------------------------------------------------------------------ HLO
@@ -260,7 +244,7 @@ def _copy(tree):
 def _memory(compiled) -> dict[str, int] | None:
   try:
     m = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001  (not every backend implements it)
+  except Exception:  # not every backend implements it
     return None
   if m is None:
     return None
@@ -277,7 +261,7 @@ def _memory(compiled) -> dict[str, int] | None:
 def _cost(compiled) -> dict[str, float]:
   try:
     c = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001
+  except Exception:
     return {}
   if isinstance(c, list):
     c = c[0] if c else {}
@@ -442,7 +426,6 @@ def print_table(results, info) -> None:
 
 
 def main(argv=None) -> dict[str, Any]:
-  _register_prototypes()
   on_gpu = jax.default_backend() == 'gpu'
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--cases', nargs='+', default=['default'],

@@ -29,7 +29,7 @@ import optax
 
 import bnp_optax
 from bnp_optax import diagnostics
-import bnp_optax.linen  # noqa: F401
+import bnp_optax.linen
 
 
 class FC(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 
 import bnp_optax
 from bnp_optax import diagnostics
-import bnp_optax.linen  # noqa: F401  (registers the lazy submodule)
+import bnp_optax.linen  # registers the lazy submodule
 from tests import models
 
 
@@ -229,14 +229,31 @@ def test_unknown_layer_raises():
     )
 
 
-def test_importable_on_its_own():
+def test_importable_on_its_own_and_flax_is_loaded_only_when_used():
   import subprocess
   import sys
 
-  code = 'import bnp_optax.diagnostics as d; print(len(d.__all__))'
+  code = """if True:
+    import sys
+    import bnp_optax
+    from bnp_optax import diagnostics as d
+    assert 'flax' not in sys.modules, 'import'
+    import numpy as np
+    h = np.random.default_rng(0).normal(size=(20, 3))
+    hess = d.hessian_from_inputs(h, np.full(20, 0.05))
+    c = d.conditioning(hess, d.patch_statistics(h))
+    d.kappa_d(d.patch_statistics(h)), d.conv_mean_error_bound(3, 8, 8, 1.0)
+    assert 'flax' not in sys.modules, 'NumPy functions'
+    assert 'neuron_hessian' in dir(d)
+    assert 'flax' not in sys.modules, 'dir'
+    d.neuron_hessian
+    assert 'flax' in sys.modules
+    print(len(d.__all__))
+  """
   out = subprocess.run(
-      [sys.executable, '-c', code], capture_output=True, text=True, check=True
+      [sys.executable, '-c', code], capture_output=True, text=True
   )
+  assert out.returncode == 0, out.stderr
   assert int(out.stdout) == len(diagnostics.__all__)
 
 

@@ -1,10 +1,16 @@
 """The linen intercept records the right inputs, at the right paths."""
 
+import functools
+import re
+
+import chex
 import flax.linen as nn
+from flax.training import train_state
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jax_core
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import bnp_optax
@@ -185,3 +191,44 @@ def test_model_apply_alone_records_nothing():
   variables = model.init(jax.random.key(0), x)
   _, mutated = model.apply(variables, x, mutable=True)
   assert set(mutated) == {'params'}
+
+
+def test_bound_apply_of_a_flax_train_state_is_accepted():
+  model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  variables = model.init(jax.random.key(1), x)
+  state = train_state.TrainState.create(
+      apply_fn=model.apply, params=variables['params'],
+      tx=bnp_optax.bnp(0.1))
+  y, stats = bnp_optax.linen.apply(state.apply_fn, {'params': state.params}, x)
+  y_ref, stats_ref = bnp_optax.linen.apply(model, variables, x)
+  np.testing.assert_array_equal(y, y_ref)
+  chex.assert_trees_all_equal(stats, stats_ref)
+
+  def loss_fn(params):
+    out, layer_stats = bnp_optax.linen.apply(
+        state.apply_fn, {'params': params}, x)
+    return jnp.sum(out ** 2), layer_stats
+
+  grads, layer_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(
+      grads, state.opt_state, state.params, layer_stats=layer_stats)
+  state = state.replace(params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+  assert bnp_optax.linen.layer_specs(state.apply_fn, variables, x) == (
+      bnp_optax.linen.layer_specs(model, variables, x))
+  # Keyword arguments bound with functools.partial are passed on.
+  (y_mut, mutated), _ = bnp_optax.linen.apply(
+      functools.partial(model.apply, mutable=True), variables, x)
+  np.testing.assert_array_equal(y_mut, y_ref)
+  assert set(mutated) == {'params'}
+
+
+def test_a_callable_that_is_not_a_module_apply_is_refused():
+  model = nn.Dense(2)
+  x = jnp.ones((2, 3))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(TypeError, match=re.escape(
+      'the first argument must be the linen module (or its bound method '
+      'module.apply)')):
+    bnp_optax.linen.apply(lambda v, x: model.apply(v, x), variables, x)

@@ -1,6 +1,7 @@
 """Flax NNX: zero-change statistics, nnx.Optimizer, nnx.jit."""
 
 import re
+import threading
 
 from flax import nnx
 import jax
@@ -190,3 +191,93 @@ def test_registered_layer_type_is_measured():
   assert bnp_optax.describe_coverage(params, stats)['affine/kernel'] == (
       'dense kernel')
   del updates
+
+
+def test_layer_calls_are_patched_only_while_apply_runs():
+  class Sub(nnx.Linear):  # inherits nnx.Linear.__call__
+    pass
+
+  bnp_optax.nnx.register_layer(
+      Sub, lambda module, args, kwargs, outputs:
+      bnp_optax.input_statistics(args[0]))
+  original = nnx.Linear.__dict__['__call__']
+  seen = []
+
+  class Probe(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(2, 2, rngs=rngs)
+      self.sub = Sub(2, 2, rngs=rngs)
+
+    def __call__(self, x):
+      seen.append(nnx.Linear.__dict__['__call__'] is original)
+      return self.sub(self.linear(x))
+
+  model = Probe(nnx.Rngs(0))
+  _, stats = bnp_optax.nnx.apply(model, jnp.ones((3, 2)))
+  assert set(stats) == {'linear', 'sub'}
+  assert seen == [False]
+  assert nnx.Linear.__dict__['__call__'] is original
+  assert '__call__' not in Sub.__dict__
+  with pytest.raises(ZeroDivisionError):
+    bnp_optax.nnx.apply(lambda x: 1 / 0, jnp.ones(1))
+  assert nnx.Linear.__dict__['__call__'] is original
+
+
+def test_apply_in_one_thread_while_another_calls_the_model():
+  model = MLP(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  errors = []
+  stop = threading.Event()
+
+  def call_directly():
+    try:
+      while not stop.is_set():
+        model(x)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  thread = threading.Thread(target=call_directly)
+  thread.start()
+  try:
+    for _ in range(5):
+      _, stats = bnp_optax.nnx.apply(model, x)
+      np.testing.assert_allclose(stats['layers'][0].mean, np.mean(x, 0),
+                                 rtol=1e-6)
+      assert float(stats['layers'][0].batch_size) == 4
+  finally:
+    stop.set()
+    thread.join()
+  assert not errors
+  assert '__call__' in nnx.Linear.__dict__
+  assert not hasattr(nnx.Linear.__call__, '__wrapped__')
+
+
+def test_layer_specs_come_from_the_registry():
+  class Wide(nnx.LinearGeneral):  # registered without a layout_fn
+    pass
+
+  class Grouped(nnx.Module):  # kernel (c_in / groups, c_out), two groups
+    def __init__(self, rngs):
+      self.kernel = nnx.Param(jax.random.normal(rngs.params(), (2, 6)))
+
+    def __call__(self, x):
+      return x
+
+  spec = bnp_optax.LayerSpec(spatial_axes=(), fan_in_axes=(0,),
+                             feature_groups=2)
+  bnp_optax.nnx.register_layer(
+      Wide, lambda module, args, kwargs, outputs: None)
+  bnp_optax.nnx.register_layer(
+      Grouped, lambda module, args, kwargs, outputs: None,
+      layout_fn=lambda module: spec)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.wide = Wide((2, 3), 4, axis=(-2, -1), rngs=rngs)
+      self.grouped = Grouped(rngs)
+      self.up = nnx.ConvTranspose(2, 2, (3, 3), rngs=rngs)
+
+  specs = bnp_optax.nnx.layer_specs(Net(nnx.Rngs(0)))
+  assert set(specs) == {'wide', 'grouped'}  # not the refused ConvTranspose
+  assert specs['wide'].fan_in_axes == (0, 1)
+  assert specs['grouped'] is spec

@@ -1,11 +1,13 @@
-"""BNP in the training set-ups people have: accumulation, masking,
-non-finite steps, checkpoints, TrainState, lax.cond."""
+"""BNP in the training set-ups people have.
+
+Accumulation, masking, non-finite steps, checkpoints, TrainState, lax.cond.
+"""
 
 import functools
 import re
 
-import flax.linen as nn
 from flax import serialization
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

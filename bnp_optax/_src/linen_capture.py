@@ -10,9 +10,9 @@ The model's code is not changed, no extra forward pass runs and no activation
 is kept.
 """
 
-from collections.abc import Mapping
-import math
-import threading
+from collections.abc import Callable, Iterator, Mapping
+import contextlib
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,87 +20,42 @@ from flax.training import train_state
 import jax
 import optax
 
+from bnp_optax._src import capture
 from bnp_optax._src import layers as layers_lib
-from bnp_optax._src import registry
 from bnp_optax._src import statistics
 
 COLLECTION = 'bnp_optax_layer_stats'
 _SOW_NAME = 'input_stats'
-_collecting = threading.local()
 
-StatisticsFn = registry.StatisticsFn
+StatisticsFn = capture.StatisticsFn
 
 
 def module_name(module: nn.Module) -> str:
+  """The path of a bound module, as its parameters' (``'Block_0/Dense_1'``)."""
   return layers_lib.path_to_str(tuple(module.path))
 
 
-def first_input(args: tuple, kwargs: dict, module: Any) -> jax.Array:
-  """The layer input: the first positional argument, or ``inputs=``."""
-  if args:
-    return args[0]
-  if 'inputs' in kwargs:
-    return kwargs['inputs']
-  raise TypeError(
-      f'bnp_optax: cannot find the input of layer {module!r}; expected it as '
-      'the first argument or as `inputs=`.'
-  )
-
-
-def _dense(module: nn.Dense, args, kwargs, outputs) -> statistics.LayerStats:
-  del outputs
-  x = first_input(args, kwargs, module)
-  return statistics.input_statistics(x, spec=statistics.DENSE)
-
-
-def dense_general_statistics(
-    x: jax.Array, axis, batch_dims
-) -> statistics.LayerStats:
-  """Statistics of a DenseGeneral/LinearGeneral input (shared with NNX)."""
-  axis = tuple(a % x.ndim for a in (axis if isinstance(axis, (tuple, list))
-                                    else (axis,)))
-  batch_dims = tuple(a % x.ndim for a in batch_dims)
-  return statistics.input_statistics(
-      x,
-      feature_axes=batch_dims + axis,
-      spec=statistics.dense_general_spec(len(batch_dims), len(axis)),
-  )
-
-
-def _dense_general(module, args, kwargs, outputs) -> statistics.LayerStats:
-  del outputs
-  x = first_input(args, kwargs, module)
+def _dense_general_attributes(module: nn.DenseGeneral):
   batch_dims = module.batch_dims
   if isinstance(batch_dims, int):
     batch_dims = (batch_dims,)
-  return dense_general_statistics(x, module.axis, tuple(batch_dims))
+  axis = module.axis
+  if isinstance(axis, int):
+    axis = (axis,)
+  return tuple(axis), tuple(batch_dims)
 
 
-def conv_statistics(
-    x: jax.Array, y: jax.Array, num_spatial: int, feature_groups: int
-) -> statistics.LayerStats:
-  """Statistics of a Conv input, per channel over batch and space."""
-  num_batch_axes = max(x.ndim - num_spatial - 1, 0)
-  positions = math.prod(y.shape[y.ndim - num_spatial - 1 : -1])
-  return statistics.input_statistics(
-      x,
-      batch_axes=tuple(range(num_batch_axes)),
-      positions=positions,
-      spec=statistics.conv_spec(num_spatial + 2, feature_groups),
-  )
-
-
-def _conv(module: nn.Conv, args, kwargs, outputs) -> statistics.LayerStats:
-  x = first_input(args, kwargs, module)
+def _conv_attributes(module: nn.Conv):
   kernel_size = module.kernel_size
   num_spatial = 1 if isinstance(kernel_size, int) else len(kernel_size)
-  return conv_statistics(x, outputs, num_spatial, module.feature_group_count)
+  return num_spatial, module.feature_group_count
 
 
-_REGISTRY = registry.LayerRegistry(nn.Module, 'linen', [], module_name)
-_REGISTRY.register(nn.Conv, _conv)
-_REGISTRY.register(nn.DenseGeneral, _dense_general)
-_REGISTRY.register(nn.Dense, _dense)
+_REGISTRY = capture.LayerRegistry(nn.Module, 'linen', module_name)
+_REGISTRY.register(nn.Conv, capture.conv_layer(_conv_attributes))
+_REGISTRY.register(
+    nn.DenseGeneral, capture.dense_general_layer(_dense_general_attributes))
+_REGISTRY.register(nn.Dense, capture.dense_layer())
 _REGISTRY.register(nn.ConvLocal, _REGISTRY.unsupported(
     'its kernel differs at every position'))
 _REGISTRY.register(nn.ConvTranspose, _REGISTRY.unsupported(
@@ -145,18 +100,16 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     >>> stats.mean.shape
     (3,)
   """
-  _REGISTRY.register(module_type, statistics_fn)
+  _REGISTRY.register(module_type, capture.LayerType(statistics_fn))
 
 
 def _record_input_statistics(next_fun, args, kwargs, context):
   module = context.module
-  fn = None
+  layer_type = None
   if context.method_name == '__call__':
-    fn = _REGISTRY.lookup(module)
-  if fn is None:
-    return next_fun(*args, **kwargs)
+    layer_type = _REGISTRY.lookup(module)
   outputs = next_fun(*args, **kwargs)
-  if module.is_initializing() or not getattr(_collecting, 'active', False):
+  if layer_type is None or module.is_initializing():
     return outputs
   if not module.is_mutable_collection(COLLECTION):
     raise ValueError(
@@ -167,15 +120,37 @@ def _record_input_statistics(next_fun, args, kwargs, context):
         f"0, {COLLECTION!r}: 0}} (bnp_optax.linen.COLLECTION); each slice "
         'is then preconditioned as a layer of its own.'
     )
-  stats = fn(module, args, kwargs, outputs)
-  if not isinstance(stats, statistics.LayerStats):
-    raise TypeError(
-        f'bnp_optax: the statistics function for layer '
-        f'{module_name(module)!r} returned a {type(stats).__name__}, not a '
-        'LayerStats.'
-    )
-  module.sow(COLLECTION, _SOW_NAME, stats)
+  stats = layer_type.statistics(module, args, kwargs, outputs)
+  module.sow(COLLECTION, _SOW_NAME, capture.checked(stats, module_name(module)))
   return outputs
+
+
+@contextlib.contextmanager
+def intercept_layer(
+    layer: str, on_call: Callable[[nn.Module, tuple, dict, Any], Any]
+) -> Iterator[None]:
+  """Lets ``on_call`` see (and replace) the output of one layer's calls.
+
+  Within the context, every ``__call__`` of a module whose path is ``layer``
+  (as :func:`module_name` writes it) returns ``on_call(module, args, kwargs,
+  outputs)`` instead of ``outputs``; other calls are untouched.
+
+  Args:
+    layer: the layer's path, ``'Block_0/Dense_1'``.
+    on_call: ``(module, args, kwargs, outputs) -> outputs``.
+
+  Yields:
+    Nothing; use it around ``model.apply``.
+  """
+  def interceptor(next_fun, args, kwargs, context):
+    outputs = next_fun(*args, **kwargs)
+    if (context.method_name == '__call__'
+        and module_name(context.module) == layer):
+      return on_call(context.module, args, kwargs, outputs)
+    return outputs
+
+  with nn.intercept_methods(interceptor):
+    yield
 
 
 def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
@@ -228,8 +203,35 @@ def _collect(tree: Mapping[str, Any]) -> Any:
   return result
 
 
+def _module_of(model: Any) -> tuple[nn.Module, dict[str, Any]]:
+  """The module of ``model``, and keywords bound with ``functools.partial``.
+
+  Accepts a linen module, its bound ``model.apply`` (what
+  ``flax.training.train_state.TrainState.apply_fn`` holds) and a
+  ``functools.partial`` of that with keyword arguments only.
+  """
+  if isinstance(model, nn.Module):
+    return model, {}
+  if (isinstance(model, functools.partial) and not model.args
+      and _is_module_apply(model.func)):
+    return model.func.__self__, dict(model.keywords)
+  if _is_module_apply(model):
+    return model.__self__, {}
+  raise TypeError(
+      'bnp_optax.linen.apply: the first argument must be the linen module '
+      f'(or its bound method module.apply), got {model!r}. Pass the module, '
+      'as bnp_optax.linen.apply(model, variables, x); a TrainState built '
+      'with apply_fn=model.apply can pass state.apply_fn.'
+  )
+
+
+def _is_module_apply(fn: Any) -> bool:
+  return (isinstance(getattr(fn, '__self__', None), nn.Module)
+          and getattr(fn, '__func__', None) is nn.Module.apply)
+
+
 def apply(
-    model: nn.Module,
+    model: nn.Module | Callable[..., Any],
     variables: Any,
     *args: Any,
     mutable: Any = False,
@@ -245,7 +247,10 @@ def apply(
   pass, at the same path as the layer's parameters.
 
   Args:
-    model: a Flax linen module, unchanged.
+    model: a Flax linen module, unchanged, or its bound ``model.apply``
+      (what ``flax.training.train_state.TrainState.apply_fn`` holds, so
+      ``apply(state.apply_fn, ...)`` works), optionally with keyword
+      arguments bound by ``functools.partial``.
     variables: the variables, as for ``model.apply`` (``{'params': ...}``).
     *args: positional arguments of the model call.
     mutable: as for ``model.apply``. When it is not ``False``, ``output`` is
@@ -281,6 +286,11 @@ def apply(
     for Neural Network Training*, Journal of Machine Learning Research, 2022
     (Secs. 3.3 and 4: each layer's input statistics, Eqs. 13 and 21-22).
   """
+  model, bound_kwargs = _module_of(model)
+  if 'mutable' in bound_kwargs and mutable is False:
+    mutable = bound_kwargs['mutable']
+  bound_kwargs.pop('mutable', None)
+  kwargs = {**bound_kwargs, **kwargs}
   if isinstance(variables, Mapping) and COLLECTION in variables:
     raise ValueError(
         f'bnp_optax.linen.apply: variables already hold a {COLLECTION!r} '
@@ -294,15 +304,10 @@ def apply(
     collections = [mutable, COLLECTION]
   else:
     collections = list(mutable) + [COLLECTION]
-  outer = getattr(_collecting, 'active', False)
-  _collecting.active = True
-  try:
-    with nn.intercept_methods(_record_input_statistics):
-      output, mutated = model.apply(
-          variables, *args, mutable=collections, **kwargs
-      )
-  finally:
-    _collecting.active = outer
+  with nn.intercept_methods(_record_input_statistics):
+    output, mutated = model.apply(
+        variables, *args, mutable=collections, **kwargs
+    )
   mutated = dict(mutated)
   sown = mutated.pop(COLLECTION, {})
   # When the model itself is a Dense/Conv layer this is a bare LayerStats,

@@ -1,27 +1,31 @@
 """Collects the input statistics of Flax NNX Linear and Conv layers.
 
-NNX has no method interceptor, so the ``__call__`` of each known layer type
-(``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and types given to
-:func:`register_layer`) is wrapped once, on first use, by a function that
-calls the original and, only while :func:`apply` is collecting on this
-thread, records the statistics of the input. Outside :func:`apply` the
-wrapper just calls the original method. The statistics are computed in the
-user's forward pass under ``stop_gradient``: no extra pass, no stored
-activations.
+NNX has no method interceptor, so while :func:`apply` runs, the ``__call__``
+of each registered layer type (``nnx.Linear``, ``nnx.LinearGeneral``,
+``nnx.Conv`` and types given to :func:`register_layer`) is replaced by a
+function that calls the original and records the statistics of the input;
+the original methods are put back when the last :func:`apply` running in the
+process returns, as ``nnx.capture`` does. A thread that calls a model
+outside :func:`apply` while another thread is inside it goes through the
+replacement, which then only calls the original (it records for the thread
+whose :func:`apply` is running). The statistics are computed in the user's
+forward pass under ``stop_gradient``: no extra pass, no stored activations.
 """
 
+from collections.abc import Iterator
+import contextlib
 import functools
 import threading
 from typing import Any
 
 from flax import nnx
 
+from bnp_optax._src import capture
 from bnp_optax._src import layers as layers_lib
-from bnp_optax._src import linen_capture
-from bnp_optax._src import registry
 from bnp_optax._src import statistics
 
-StatisticsFn = registry.StatisticsFn
+StatisticsFn = capture.StatisticsFn
+LayoutFn = capture.LayoutFn
 
 _state = threading.local()
 
@@ -30,45 +34,38 @@ def _collector():
   return getattr(_state, 'collector', None)
 
 
-def _linear(module, args, kwargs, outputs):
-  del outputs
-  x = linen_capture.first_input(args, kwargs, module)
-  return statistics.input_statistics(x, spec=statistics.DENSE)
-
-
-def _linear_general(module, args, kwargs, outputs):
-  del outputs
-  x = linen_capture.first_input(args, kwargs, module)
-  return linen_capture.dense_general_statistics(
-      x, tuple(module.axis), tuple(module.batch_axis.keys())
-  )
-
-
-def _conv(module, args, kwargs, outputs):
-  x = linen_capture.first_input(args, kwargs, module)
-  return linen_capture.conv_statistics(
-      x, outputs, len(module.kernel_size), module.feature_group_count
-  )
-
-
 def _name_of(module) -> str:
   collector = _collector()
   return collector.name_of(module) if collector else type(module).__name__
 
 
-_REGISTRY = registry.LayerRegistry(nnx.Module, 'nnx', [], _name_of)
-_REGISTRY.register(nnx.Conv, _conv)
-_REGISTRY.register(nnx.LinearGeneral, _linear_general)
-_REGISTRY.register(nnx.Linear, _linear)
+def _linear_general_attributes(module: nnx.LinearGeneral):
+  return tuple(module.axis), tuple(module.batch_axis.keys())
+
+
+def _conv_attributes(module: nnx.Conv):
+  return len(module.kernel_size), module.feature_group_count
+
+
+_REGISTRY = capture.LayerRegistry(nnx.Module, 'nnx', _name_of)
+_REGISTRY.register(nnx.Conv, capture.conv_layer(_conv_attributes))
+_REGISTRY.register(nnx.LinearGeneral,
+                   capture.dense_general_layer(_linear_general_attributes))
+_REGISTRY.register(nnx.Linear, capture.dense_layer())
 _REGISTRY.register(nnx.ConvTranspose, _REGISTRY.unsupported(
     'a transposed convolution sees a zero-dilated input'))
-_WRAPPED: set[type] = set()
+
+# The classes whose ``__call__`` is replaced, with what their own
+# ``__dict__`` held before (``_INHERITED`` if they inherited ``__call__``),
+# and how many apply() calls, in any thread, are running.
+_INHERITED = object()
+_patch_lock = threading.Lock()
+_patched: dict[type, Any] = {}
+_patch_depth = 0
 
 
-def _wrap(module_type: type) -> None:
-  if module_type in _WRAPPED:
-    return
-  original = module_type.__call__
+def _recording_call(original):
+  """``__call__`` that records statistics while this thread collects."""
 
   @functools.wraps(original)
   def call(self, *args, **kwargs):
@@ -84,17 +81,48 @@ def _wrap(module_type: type) -> None:
       if outermost:
         collector.active.discard(id(self))
     if outermost:
-      fn = _REGISTRY.lookup(self)
-      if fn is not None:
-        collector.record(self, fn(self, args, kwargs, outputs))
+      layer_type = _REGISTRY.lookup(self)
+      if layer_type is not None:
+        collector.record(
+            self, layer_type.statistics(self, args, kwargs, outputs))
     return outputs
 
-  call.__bnp_optax_original__ = original
-  module_type.__call__ = call
-  _WRAPPED.add(module_type)
+  return call
 
 
-def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
+@contextlib.contextmanager
+def _patch_layer_calls() -> Iterator[None]:
+  """Replaces the registered types' ``__call__`` while any apply() runs."""
+  global _patch_depth
+  with _patch_lock:
+    for module_type in _REGISTRY.types:
+      if module_type not in _patched:
+        _patched[module_type] = module_type.__dict__.get(
+            '__call__', _INHERITED)
+        module_type.__call__ = _recording_call(module_type.__call__)
+    _patch_depth += 1
+  try:
+    yield
+  finally:
+    with _patch_lock:
+      _patch_depth -= 1
+      if not _patch_depth:
+        # Newest first, so a subclass patched over its patched base is undone
+        # before the base.
+        for module_type, own in reversed(list(_patched.items())):
+          if own is _INHERITED:
+            del module_type.__call__
+          else:
+            module_type.__call__ = own
+        _patched.clear()
+
+
+def register_layer(
+    module_type: type,
+    statistics_fn: StatisticsFn,
+    *,
+    layout_fn: LayoutFn | None = None,
+) -> None:
   """Teaches :func:`apply` the input statistics of an NNX module type.
 
   The module's parameters must be named ``kernel`` (and ``bias``, if any).
@@ -106,6 +134,12 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     module_type: an ``nnx.Module`` subclass; it takes precedence over the
       built-in types.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
+    layout_fn: optional ``module -> LayerSpec``, the kernel layout read from
+      the module, for :func:`layer_specs`; needed only when the kernel is not
+      laid out as a Dense ``(n_in, n_out)`` or Conv ``(*window, c_in,
+      c_out)`` kernel. It must agree with the ``spec`` of the statistics.
+      Default: that of the registered type ``module_type`` derives from
+      (``nnx.LinearGeneral``'s for a subclass of it), if any.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -126,7 +160,9 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     >>> stats.mean.shape
     (3,)
   """
-  _REGISTRY.register(module_type, statistics_fn)
+  if layout_fn is None:
+    layout_fn = _REGISTRY.layout_of_type(module_type)
+  _REGISTRY.register(module_type, capture.LayerType(statistics_fn, layout_fn))
 
 
 class _Collector:
@@ -154,12 +190,7 @@ class _Collector:
           'of the model given to apply() was called; its parameters would '
           'have no statistics. Call the layers through the model.'
       )
-    if not isinstance(stats, statistics.LayerStats):
-      raise TypeError(
-          f'bnp_optax: the statistics function for layer '
-          f'{self.name_of(module)!r} returned a {type(stats).__name__}, not '
-          'a LayerStats.'
-      )
+    stats = capture.checked(stats, self.name_of(module))
     self.stats.setdefault(path, []).append(stats)
 
   def tree(self):
@@ -223,16 +254,15 @@ def apply(
     for Neural Network Training*, Journal of Machine Learning Research, 2022
     (Secs. 3.3 and 4: each layer's input statistics, Eqs. 13 and 21-22).
   """
-  for module_type in _REGISTRY.types:
-    _wrap(module_type)
   if _collector() is not None:
     raise RuntimeError('bnp_optax.nnx.apply calls cannot be nested.')
   collector = _Collector(model)
-  _state.collector = collector
-  try:
-    outputs = model(*args, **kwargs)
-  finally:
-    _state.collector = None
+  with _patch_layer_calls():
+    _state.collector = collector
+    try:
+      outputs = model(*args, **kwargs)
+    finally:
+      _state.collector = None
   layer_stats = collector.tree()
   if axis_name is not None:
     layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
@@ -240,12 +270,14 @@ def apply(
 
 
 def layer_specs(model: nnx.Module) -> dict[str, statistics.LayerSpec]:
-  """The kernel layout of every built-in layer of ``model``.
+  """The kernel layout of every measured layer of ``model``.
 
-  Needed for ``nnx.LinearGeneral`` with several axes or batch axes and for
-  grouped ``nnx.Conv``, whose optimizer state must know the layout when it
-  is created: ``bnp_optax.bnp(..., layer_specs=bnp_optax.nnx.layer_specs(
-  model))``. Read from the modules' attributes; nothing runs.
+  Needed for ``nnx.LinearGeneral`` with several axes or batch axes, for
+  grouped ``nnx.Conv`` and for registered types with a ``layout_fn``, whose
+  optimizer state must know the layout when it is created:
+  ``bnp_optax.bnp(..., layer_specs=bnp_optax.nnx.layer_specs(model))``. Read
+  from the modules' attributes by each registered type's layout function;
+  nothing runs.
 
   Args:
     model: the NNX module.
@@ -263,16 +295,10 @@ def layer_specs(model: nnx.Module) -> dict[str, statistics.LayerSpec]:
   """
   specs = {}
   for path, node in nnx.iter_graph(model):
-    name = layers_lib.path_to_str(tuple(str(k) for k in path))
-    if isinstance(node, nnx.ConvTranspose):
+    layer_type = _REGISTRY.lookup(node)
+    if layer_type is None or layer_type.layout is None:
       continue
-    if isinstance(node, nnx.LinearGeneral):
-      specs[name] = statistics.dense_general_spec(
-          len(node.batch_axis), len(node.axis))
-    elif isinstance(node, nnx.Linear):
-      specs[name] = statistics.DENSE
-    elif isinstance(node, nnx.Conv):
-      specs[name] = statistics.conv_spec(
-          len(node.kernel_size) + 2, node.feature_group_count)
+    spec = layer_type.layout(node)
+    if spec is not None:
+      specs[layers_lib.path_to_str(tuple(str(k) for k in path))] = spec
   return specs
-

@@ -15,24 +15,21 @@ loss with respect to the neuron's pre-activations. BNP's change of variables
 (Theorem 3), whose condition number is smaller by up to about
 ``kappa(D)^2`` (Theorem 4).
 
-This module computes both Hessians, their condition numbers and
-``kappa(D)`` for a Flax linen model and the preconditioner that
-:func:`bnp_optax.scale_by_bnp` is using. Linear algebra is done in NumPy
-float64: the Hessians of one neuron are small (``n_in + 1`` square) and their
-rank is often below their size (``N < n_in + 1``), so the smallest non-zero
-singular value must be told apart from rounding.
+This module holds the theory, framework free: the Hessian from its factors,
+condition numbers, ``kappa(D)``, the preconditioner that
+:func:`bnp_optax.scale_by_bnp` is using, and Proposition 10's bound for
+convolutions. ``linen_hessian`` finds the factors of a Flax linen model. Linear
+algebra is done in NumPy float64: the Hessians of one neuron are small
+(``n_in + 1`` square) and their rank is often below their size
+(``N < n_in + 1``), so the smallest non-zero singular value must be told apart
+from rounding.
 """
 
-from collections.abc import Callable
-import math
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bnp_optax._src import layers as layers_lib
 from bnp_optax._src import transform
 
 
@@ -81,12 +78,13 @@ class Conditioning(NamedTuple):
     return self.kappa_hessian / self.kappa_preconditioned
 
 
-def _float64(x: Any) -> np.ndarray:
+def float64(x: Any) -> np.ndarray:
+  """``x`` on the host as a float64 NumPy array."""
   return np.asarray(jax.device_get(x), dtype=np.float64)
 
 
 def _singular_values(matrix: Any) -> np.ndarray:
-  return np.linalg.svd(_float64(matrix), compute_uv=False)
+  return np.linalg.svd(float64(matrix), compute_uv=False)
 
 
 def _nonzero(sv: np.ndarray, shape: tuple[int, ...], rtol) -> np.ndarray:
@@ -126,7 +124,7 @@ def condition_number(matrix: Any, *, rtol: float | None = None) -> float:
     for Neural Network Training*, Journal of Machine Learning Research, 2022
     (Section 3.2, Theorem 1).
   """
-  a = _float64(matrix)
+  a = float64(matrix)
   if a.ndim != 2:
     raise ValueError(f'condition_number needs a matrix, got shape {a.shape}.')
   sv = _nonzero(_singular_values(a), a.shape, rtol)
@@ -160,8 +158,8 @@ def hessian_from_inputs(inputs: Any, curvature: Any) -> np.ndarray:
     for Neural Network Training*, Journal of Machine Learning Research, 2022
     (Proposition 2, Eqs. 10-11; Proposition 9).
   """
-  h = _float64(inputs)
-  s = _float64(curvature)
+  h = float64(inputs)
+  s = float64(curvature)
   if h.ndim != 2:
     raise ValueError(f'inputs must be (M, n), got shape {h.shape}.')
   h_hat = np.concatenate([np.ones((h.shape[0], 1)), h], axis=1)
@@ -192,7 +190,7 @@ def patch_statistics(inputs: Any) -> transform.RunningStats:
     A ``RunningStats(mean, variance)`` of two float64 vectors of length
     ``n``.
   """
-  h = _float64(inputs)
+  h = float64(inputs)
   mean = h.mean(axis=0)
   variance = np.square(h - mean[None, :]).mean(axis=0)
   return transform.RunningStats(mean=mean, variance=variance)
@@ -204,7 +202,7 @@ def _mean_variance(stats: Any) -> tuple[np.ndarray, np.ndarray]:
     mean, variance = stats.mean, stats.variance
   else:
     mean, variance = stats
-  return _float64(mean).reshape(-1), _float64(variance).reshape(-1)
+  return float64(mean).reshape(-1), float64(variance).reshape(-1)
 
 
 def _fan_in_vectors(stats: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -371,7 +369,7 @@ def conditioning(
     for Neural Network Training*, Journal of Machine Learning Research, 2022
     (Theorems 3-4; Section 5.1, Figure 8).
   """
-  hess = _float64(hessian)
+  hess = float64(hessian)
   size = hess.shape[0] - 1
   p = preconditioner(stats, size=size, eps1=eps1, eps2=eps2)
   sv = _nonzero(_singular_values(hess), hess.shape, rtol)
@@ -417,268 +415,3 @@ def conv_mean_error_bound(
   """
   k, r, s = kernel_size, height, width
   return (k - 1) * (1 / (2 * r) + 1 / (2 * s) - (k - 1) / (4 * r * s)) * max_abs
-
-
-# ----------------------------------------------------------------- linen --
-
-
-def _module_path(module: nn.Module) -> str:
-  return layers_lib.path_to_str(tuple(module.path))
-
-
-def _is_target(context, layer: str) -> bool:
-  return (
-      context.method_name == '__call__'
-      and isinstance(context.module, (nn.Dense, nn.Conv))
-      and _module_path(context.module) == layer
-  )
-
-
-def _capture_layer(model, variables, x, layer, apply_kwargs):
-  """Runs the model once; returns the target module (unbound) and input."""
-  calls = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if _is_target(context, layer):
-      inputs = args[0] if args else kwargs['inputs']
-      calls.append((context.module.clone(parent=None), inputs))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    model.apply(variables, x, **apply_kwargs)
-  if not calls:
-    raise ValueError(
-        f'no nn.Dense or nn.Conv layer {layer!r} was called; layer paths '
-        'look like the keys of bnp_optax.describe_coverage(params), without '
-        "'/kernel'."
-    )
-  if len(calls) > 1:
-    raise NotImplementedError(
-        f'layer {layer!r} is called {len(calls)} times in one forward pass; '
-        'the diagnostics handle layers called once.'
-    )
-  return calls[0]
-
-
-def _layer_params(variables, layer: str) -> dict:
-  node = variables['params']
-  for key in layer.split('/'):
-    node = node[key]
-  return node
-
-
-def _input_matrix(module, params, inputs, neuron: int) -> jax.Array:
-  """``H``: the Jacobian of the neuron's pre-activations w.r.t. its kernel."""
-  kernel = params['kernel']
-  if isinstance(module, nn.Dense):
-    return inputs.reshape(-1, inputs.shape[-1])
-
-  def channel(k_column):
-    k = kernel.at[..., neuron].set(k_column.reshape(kernel.shape[:-1]))
-    p = {'kernel': k}
-    if 'bias' in params:
-      p['bias'] = jnp.zeros_like(params['bias'])
-    return module.apply({'params': p}, inputs)[..., neuron].reshape(-1)
-
-  column = kernel[..., neuron].reshape(-1)
-  # Linear in the kernel: the Jacobian at any point is the patch matrix.
-  return jax.jacfwd(channel)(column)
-
-
-def _hessian_factors(model, layer, neuron, apply_kwargs):
-  """``(variables, x, loss) -> (H, S)``, to be jitted."""
-
-  def factors(variables, x, loss):
-    module, inputs = _capture_layer(model, variables, x, layer, apply_kwargs)
-    params = _layer_params(variables, layer)
-    h = _input_matrix(module, params, inputs, neuron)
-
-    def perturbed_loss(delta):
-      def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if _is_target(context, layer):
-          out = out.at[..., neuron].add(delta.astype(out.dtype))
-        return out
-
-      with nn.intercept_methods(interceptor):
-        return loss(model.apply(variables, x, **apply_kwargs))
-
-    out_shape = jax.eval_shape(
-        lambda: module.apply({'params': params}, inputs)
-    ).shape
-    delta = jnp.zeros(out_shape[:-1], inputs.dtype)
-    m = math.prod(out_shape[:-1])
-    s = jax.hessian(perturbed_loss)(delta).reshape(m, m)
-    return h, s
-
-  return factors
-
-
-_CACHE_SIZE = 16
-_jit_cache: dict[tuple[Any, ...], tuple[Any, Callable[..., Any]]] = {}
-
-
-def _cached_factors(model, layer, neuron, apply_kwargs):
-  """Jitted :func:`_hessian_factors`, reused across calls for one model."""
-  if apply_kwargs:
-    return jax.jit(_hessian_factors(model, layer, neuron, apply_kwargs))
-  key = (id(model), layer, neuron)
-  entry = _jit_cache.get(key)
-  if entry is not None and entry[0] is model:
-    return entry[1]
-  fn = jax.jit(_hessian_factors(model, layer, neuron, {}))
-  if len(_jit_cache) >= _CACHE_SIZE:
-    _jit_cache.pop(next(iter(_jit_cache)))
-  _jit_cache[key] = (model, fn)  # holds the model, so its id stays unique
-  return fn
-
-
-def _as_partial(loss_fn) -> jax.tree_util.Partial:
-  if isinstance(loss_fn, jax.tree_util.Partial):
-    return loss_fn
-  return jax.tree_util.Partial(loss_fn)
-
-
-def neuron_hessian(
-    model: nn.Module,
-    variables: Any,
-    x: Any,
-    loss_fn: Callable[[Any], jax.Array],
-    *,
-    layer: str,
-    neuron: int = 0,
-    **apply_kwargs: Any,
-) -> NeuronHessian:
-  r"""Hessian of the mini-batch loss w.r.t. one neuron's ``[b_i, w_i]``.
-
-  Computed as the paper writes it, ``H_hat^T S H_hat`` (Proposition 2 for a
-  Dense layer, Proposition 9 for a convolution's output channel): ``H`` is
-  the layer's input (for a convolution, the patch matrix of Eq. 18, here
-  the exact Jacobian of the channel's output with respect to its kernel, so
-  any padding, stride or dilation is handled), and ``S`` is the Hessian of
-  the loss with respect to the neuron's pre-activations, by automatic
-  differentiation through the rest of the network. For softmax
-  cross-entropy averaged over ``N`` examples and a neuron of the output
-  layer, ``S = diag(p_i (1 - p_i)) / N``.
-
-  The computation is jitted and the compiled function is reused for the same
-  ``model``, ``layer`` and ``neuron`` when ``loss_fn`` is the same function
-  or a ``jax.tree_util.Partial`` of the same function (pass the labels that
-  way, ``Partial(my_loss, labels=y)``, to avoid a compilation per batch).
-
-  Args:
-    model: a Flax linen model.
-    variables: its variables (``{'params': ...}``).
-    x: the mini-batch input.
-    loss_fn: maps the model output to the scalar mini-batch loss (close over
-      the labels, or bind them with ``jax.tree_util.Partial``).
-    layer: the path of an ``nn.Dense`` or ``nn.Conv`` layer, as in the
-      parameters (``'Dense_2'``, ``'Block_0/Conv_1'``), called once in the
-      forward pass.
-    neuron: the output feature (channel) ``i``.
-    **apply_kwargs: passed on to ``model.apply``.
-
-  Returns:
-    A :class:`NeuronHessian`.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import flax.linen as nn
-    >>> from bnp_optax import diagnostics
-    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(3)])
-    >>> x = jax.random.normal(jax.random.key(0), (8, 2))
-    >>> y = jnp.arange(8) % 3
-    >>> variables = model.init(jax.random.key(1), x)
-    >>> loss = lambda logits: jnp.mean(
-    ...     optax.softmax_cross_entropy_with_integer_labels(logits, y))
-    >>> nh = diagnostics.neuron_hessian(model, variables, x, loss,
-    ...                                 layer='layers_2', neuron=0)
-    >>> nh.hessian.shape, nh.inputs.shape, nh.curvature.shape
-    ((5, 5), (8, 4), (8, 8))
-
-  References:
-    S. Lange, K. Helfrich and Q. Ye, *Batch Normalization Preconditioning
-    for Neural Network Training*, Journal of Machine Learning Research, 2022
-    (Propositions 2 and 9).
-  """
-  fn = _cached_factors(model, layer, neuron, apply_kwargs)
-  h, s = fn(variables, x, _as_partial(loss_fn))
-  return NeuronHessian(
-      hessian=hessian_from_inputs(h, s),
-      inputs=_float64(h),
-      curvature=_float64(s),
-  )
-
-
-def neuron_hessian_autodiff(
-    model: nn.Module,
-    variables: Any,
-    x: Any,
-    loss_fn: Callable[[Any], jax.Array],
-    *,
-    layer: str,
-    neuron: int = 0,
-    **apply_kwargs: Any,
-) -> np.ndarray:
-  r"""The same Hessian as :func:`neuron_hessian`, by ``jax.hessian``.
-
-  Differentiates the mini-batch loss twice with respect to the vector
-  ``[b_i, vec(kernel[..., i])]`` directly, as a reference for
-  :func:`neuron_hessian` (they agree to rounding, which the tests check).
-
-  Args:
-    model: a Flax linen model.
-    variables: its variables.
-    x: the mini-batch input.
-    loss_fn: maps the model output to the scalar mini-batch loss.
-    layer: the layer's path.
-    neuron: the output feature (channel) ``i``.
-    **apply_kwargs: passed on to ``model.apply``.
-
-  Returns:
-    The ``(n + 1, n + 1)`` Hessian, float64, ordered as in
-    :attr:`NeuronHessian.hessian`.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> import flax.linen as nn
-    >>> from bnp_optax import diagnostics
-    >>> model = nn.Sequential([nn.Dense(3), jnp.tanh, nn.Dense(2)])
-    >>> x = jax.random.normal(jax.random.key(0), (5, 2))
-    >>> variables = model.init(jax.random.key(1), x)
-    >>> loss = lambda out: jnp.mean(out ** 2)
-    >>> a = diagnostics.neuron_hessian(model, variables, x, loss,
-    ...                                layer='layers_0', neuron=1).hessian
-    >>> b = diagnostics.neuron_hessian_autodiff(model, variables, x, loss,
-    ...                                         layer='layers_0', neuron=1)
-    >>> bool(np.allclose(a, b, rtol=1e-4, atol=1e-6))
-    True
-  """
-  params = _layer_params(variables, layer)
-  kernel = params['kernel']
-  if 'bias' not in params:
-    raise ValueError(f'layer {layer!r} has no bias.')
-  keys = layer.split('/')
-
-  def set_layer(tree, depth, new):
-    tree = dict(tree)
-    key = keys[depth]
-    tree[key] = new if depth == len(keys) - 1 else set_layer(
-        tree[key], depth + 1, new
-    )
-    return tree
-
-  def loss_of(w_hat):
-    new = dict(params)
-    new['bias'] = params['bias'].at[neuron].set(w_hat[0])
-    new['kernel'] = kernel.at[..., neuron].set(
-        w_hat[1:].reshape(kernel.shape[:-1])
-    )
-    new_vars = dict(variables)
-    new_vars['params'] = set_layer(variables['params'], 0, new)
-    return loss_fn(model.apply(new_vars, x, **apply_kwargs))
-
-  w_hat = jnp.concatenate(
-      [params['bias'][neuron][None], kernel[..., neuron].reshape(-1)]
-  )
-  return _float64(jax.jit(jax.hessian(loss_of))(w_hat))
