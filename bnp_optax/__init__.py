@@ -13,7 +13,7 @@ from bnp_optax._src.accumulate import multi_steps
 from bnp_optax._src.accumulate import MultiStepsState
 from bnp_optax._src.alias import bnp
 from bnp_optax._src.layers import describe_coverage
-from bnp_optax._src.statistics import LayerSpec
+from bnp_optax._src.layout import LayerSpec
 from bnp_optax._src.statistics import all_reduce_statistics
 from bnp_optax._src.statistics import input_statistics
 from bnp_optax._src.statistics import LayerStats

@@ -15,23 +15,12 @@ import pathlib
 import sys
 
 import jax
-
-OUT, PROCESS_ID, NUM_PROCESSES, PORT = sys.argv[1:5]
-MODE = sys.argv[5] if len(sys.argv) > 5 else 'save'
-PROCESS_ID, NUM_PROCESSES = int(PROCESS_ID), int(NUM_PROCESSES)
-if NUM_PROCESSES > 1:
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(
-      coordinator_address=f'localhost:{PORT}', num_processes=NUM_PROCESSES,
-      process_id=PROCESS_ID, initialization_timeout=120)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
 
 import bnp_optax
 import bnp_optax.linen
@@ -61,6 +50,15 @@ def _loss(model, params, x, y, axis_name=None):
 
 
 def main():
+  out, process_id, num_processes, port = sys.argv[1:5]
+  mode = sys.argv[5] if len(sys.argv) > 5 else 'save'
+  process_id, num_processes = int(process_id), int(num_processes)
+  if num_processes > 1:
+    # Before any computation: no backend may start before the cluster is up.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+        coordinator_address=f'localhost:{port}', num_processes=num_processes,
+        process_id=process_id, initialization_timeout=120)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(mesh, P())
   model = models.MLP()
@@ -97,10 +95,10 @@ def main():
       p, state = step(p, state, x, y)
     results[name] = (p, state)
 
-  import orbax.checkpoint as ocp  # the test extra installs it
-  checkpoint = pathlib.Path(OUT) / 'checkpoint'
+  import orbax.checkpoint as ocp
+  checkpoint = pathlib.Path(out) / 'checkpoint'
   with ocp.StandardCheckpointer() as checkpointer:
-    if MODE == 'save':
+    if mode == 'save':
       checkpointer.save(checkpoint, results['jit'])
       checkpointer.wait_until_finished()
     else:
@@ -112,9 +110,9 @@ def main():
     host = multihost_utils.process_allgather(tree, tiled=True)
     for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]:
       flat[f'{name}{jax.tree_util.keystr(path)}'] = np.asarray(leaf)
-  if PROCESS_ID == 0:
-    np.savez(pathlib.Path(OUT) / f'{MODE}-{NUM_PROCESSES}.npz', **flat)
-  print(f'process {PROCESS_ID}: {len(jax.devices())} devices, '
+  if process_id == 0:
+    np.savez(pathlib.Path(out) / f'{mode}-{num_processes}.npz', **flat)
+  print(f'process {process_id}: {len(jax.devices())} devices, '
         f'{len(jax.local_devices())} local, done')
 
 

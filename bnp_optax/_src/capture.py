@@ -28,10 +28,11 @@ from typing import Any
 
 import jax
 
+from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 StatisticsFn = Callable[[Any, tuple, dict, Any], statistics.LayerStats]
-LayoutFn = Callable[[Any], statistics.LayerSpec | None]
+LayoutFn = Callable[[Any], layout.LayerSpec | None]
 
 
 # ------------------------------------------------- framework-free statistics
@@ -58,12 +59,12 @@ def dense_statistics(x: jax.Array) -> statistics.LayerStats:
   Returns:
     Per-feature mean and variance over the batch axes (Eq. 13).
   """
-  return statistics.input_statistics(x, spec=statistics.DENSE)
+  return statistics.input_statistics(x, spec=layout.DENSE)
 
 
 def dense_general_layout(
     num_batch_dims: int, num_axis: int
-) -> statistics.LayerSpec:
+) -> layout.LayerSpec:
   """The kernel layout of a DenseGeneral/LinearGeneral layer.
 
   Args:
@@ -75,7 +76,7 @@ def dense_general_layout(
     The :class:`~bnp_optax.LayerSpec` of the kernel
     ``(*batch, *contracted, *features)``.
   """
-  return statistics.dense_general_spec(num_batch_dims, num_axis)
+  return layout.dense_general_spec(num_batch_dims, num_axis)
 
 
 def dense_general_statistics(
@@ -103,7 +104,7 @@ def dense_general_statistics(
   )
 
 
-def conv_layout(num_spatial: int, feature_groups: int) -> statistics.LayerSpec:
+def conv_layout(num_spatial: int, feature_groups: int) -> layout.LayerSpec:
   """The kernel layout ``(*window, c_in / groups, c_out)`` of a convolution.
 
   Args:
@@ -113,7 +114,7 @@ def conv_layout(num_spatial: int, feature_groups: int) -> statistics.LayerSpec:
   Returns:
     The :class:`~bnp_optax.LayerSpec` of the kernel.
   """
-  return statistics.conv_spec(num_spatial + 2, feature_groups)
+  return layout.conv_spec(num_spatial + 2, feature_groups)
 
 
 def conv_statistics(
@@ -171,7 +172,7 @@ def dense_layer() -> LayerType:
   def stats(module, args, kwargs, outputs):
     del outputs
     return dense_statistics(first_input(args, kwargs, module))
-  return LayerType(stats, lambda module: statistics.DENSE)
+  return LayerType(stats, lambda module: layout.DENSE)
 
 
 def dense_general_layer(

@@ -221,8 +221,8 @@ def _fan_in_vectors(stats: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _regularised_sigma(variance: np.ndarray, eps1, eps2) -> np.ndarray:
-  sigma2 = variance + eps1 * np.max(variance) + eps2
-  return np.sqrt(sigma2)
+  return np.sqrt(transform.regularised_variance(
+      np.asarray(variance, np.float64), eps1, eps2))
 
 
 def preconditioner(

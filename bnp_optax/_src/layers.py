@@ -13,8 +13,9 @@ from typing import Any
 import jax
 import optax
 
+from bnp_optax._src import layout
 from bnp_optax._src import statistics
-from bnp_optax._src.statistics import LayerSpec
+from bnp_optax._src.layout import LayerSpec
 
 KERNEL = 'kernel'
 BIAS = 'bias'
@@ -33,9 +34,9 @@ _LAYOUT_HINT = (
 def infer_layer_spec(kernel_shape: tuple[int, ...]) -> LayerSpec | None:
   """Flax's conventions: 2-D kernels are Dense, higher ones Conv."""
   if len(kernel_shape) == 2:
-    return statistics.DENSE
+    return layout.DENSE
   if len(kernel_shape) >= 3:
-    return statistics.conv_spec(len(kernel_shape))
+    return layout.conv_spec(len(kernel_shape))
   return None
 
 

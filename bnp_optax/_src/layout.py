@@ -142,8 +142,10 @@ class KernelView(NamedTuple):
     return math.prod(self.shape[a] for a in self.spatial)
 
   def statistics(self, vector: jax.Array) -> jax.Array:
-    """Statistics of the whole kernel, ``spec.statistics_shape``, in the
-    view: the last (channel) axis split by group when grouped."""
+    """The kernel's statistics, ``spec.statistics_shape``, in the view.
+
+    The last (channel) axis is split by group when the kernel is grouped.
+    """
     independent = tuple(self.shape[a] for a in self.independent)
     fan_in = tuple(self.shape[a] for a in self.fan_in)
     return vector.reshape(independent + fan_in)
@@ -159,8 +161,7 @@ class KernelView(NamedTuple):
 
 
 def kernel_view(spec: LayerSpec, kernel_shape: tuple[int, ...]) -> KernelView:
-  """The :class:`KernelView` of a kernel of ``kernel_shape`` laid out as
-  ``spec``."""
+  """The :class:`KernelView` of a kernel laid out as ``spec``."""
   kernel_shape = tuple(kernel_shape)
   outputs = spec.output_axes(len(kernel_shape))
   if spec.feature_groups == 1:

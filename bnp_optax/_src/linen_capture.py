@@ -22,6 +22,7 @@ import optax
 
 from bnp_optax._src import capture
 from bnp_optax._src import layers as layers_lib
+from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 COLLECTION = 'bnp_optax_layer_stats'
@@ -167,17 +168,15 @@ def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
   spec = stats.spec
   if spec is not None:
     shift = lambda t: tuple(a + lead for a in t)
-    spec = statistics.LayerSpec(
+    spec = layout.LayerSpec(
         spatial_axes=shift(spec.spatial_axes),
         fan_in_axes=shift(spec.fan_in_axes),
         independent_axes=axes + shift(spec.independent_axes),
         feature_groups=spec.feature_groups,
     )
-  return statistics.LayerStats(
-      mean=stats.mean, variance=stats.variance,
+  return stats.replace(
       count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
-      positions=stats.positions.mean(axes), spec=spec,
-  )
+      positions=stats.positions.mean(axes), spec=spec)
 
 
 def _collect(tree: Mapping[str, Any]) -> Any:
@@ -322,7 +321,7 @@ def apply(
 
 def layer_specs(
     model: nn.Module, variables: Any, *args: Any, **kwargs: Any
-) -> dict[str, statistics.LayerSpec]:
+) -> dict[str, layout.LayerSpec]:
   """The kernel layout of every measured layer, for ``scale_by_bnp``.
 
   Needed only for layers whose kernel is not laid out as a plain Dense

@@ -22,6 +22,7 @@ from flax import nnx
 
 from bnp_optax._src import capture
 from bnp_optax._src import layers as layers_lib
+from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 StatisticsFn = capture.StatisticsFn
@@ -269,7 +270,7 @@ def apply(
   return outputs, layer_stats
 
 
-def layer_specs(model: nnx.Module) -> dict[str, statistics.LayerSpec]:
+def layer_specs(model: nnx.Module) -> dict[str, layout.LayerSpec]:
   """The kernel layout of every measured layer of ``model``.
 
   Needed for ``nnx.LinearGeneral`` with several axes or batch axes, for

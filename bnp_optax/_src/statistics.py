@@ -11,16 +11,10 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
-from bnp_optax._src import layout
 from bnp_optax._src.layout import LayerSpec
-
-# TODO(merge): callers move to bnp_optax._src.layout; drop these names then.
-DENSE = layout.DENSE
-conv_spec = layout.conv_spec
-dense_general_spec = layout.dense_general_spec
 
 
 @jax.tree_util.register_dataclass
@@ -114,8 +108,11 @@ def _column_sums(rows: jax.Array) -> jax.Array:
 
 
 def _column_sums_pair(deviations: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(sum d, sum d^2)`` over rows: two GEMVs on CPU for few rows, else one
-  variadic reduction, so the two sums share one pass over ``d``."""
+  """``(sum d, sum d^2)`` over rows.
+
+  Two GEMVs on CPU for few rows (see :func:`_column_sums`), else one
+  variadic reduction, so that the two sums share one pass over ``d``.
+  """
   if deviations.shape[0] <= _CPU_GEMV_MAX_ROWS:
     reduce_both = lambda d: (
         jnp.sum(d, axis=0), jnp.sum(jnp.square(d), axis=0))

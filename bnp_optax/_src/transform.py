@@ -82,7 +82,7 @@ MISSING_LAYER_STATS = (
     'them: use bnp_optax.linen.TrainState, whose apply_gradients(grads=..., '
     'layer_stats=...) forwards them; with NNX, call '
     '`optimizer.update(model, grads, layer_stats=layer_stats)`. '
-    'optax.MultiSteps forwards only the last micro-step\'s: use '
+    "optax.MultiSteps forwards only the last micro-step's: use "
     'bnp_optax.multi_steps.'
 )
 
@@ -202,19 +202,21 @@ def update_running_stats(
 
 
 def regularised_variance(
-    variance: jax.Array,
+    variance: ArrayLike,
     eps1: ArrayLike,
     eps2: ArrayLike,
     *,
-    fan_in_axes: tuple[int, ...] = (-1,),
-) -> jax.Array:
+    fan_in_axes: tuple[int, ...] | None = None,
+) -> ArrayLike:
   r"""Step 3 of Algorithms 2-3: :math:`\tilde\sigma^2`.
 
   .. math::
     \tilde\sigma^2 = \sigma^2 + \epsilon_1 \max(\sigma^2) + \epsilon_2,
 
   the maximum taken over one output unit's inputs (``fan_in_axes`` of
-  ``variance``; the other axes index independent layers).
+  ``variance``, all of them by default; the other axes index independent
+  layers). Written with array methods only, so that NumPy float64 input
+  (the diagnostics) stays NumPy float64 and JAX input stays in its dtype.
 
   Args:
     variance: running variances ``sigma^2``.
@@ -225,10 +227,8 @@ def regularised_variance(
   Returns:
     ``sigma~^2``, shaped like ``variance``.
   """
-  dtype = variance.dtype
-  largest = jnp.max(variance, axis=fan_in_axes, keepdims=True)
-  return (variance + jnp.asarray(eps1, dtype) * largest
-          + jnp.asarray(eps2, dtype))
+  largest = variance.max(axis=fan_in_axes, keepdims=True)
+  return variance + eps1 * largest + eps2
 
 
 def q_squared(
