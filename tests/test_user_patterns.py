@@ -108,6 +108,16 @@ def test_traced_rho_above_one_is_clipped_not_extrapolated():
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
+def test_traced_nan_hyperparameters_keep_state_and_updates_finite():
+  _, _, x = _setup()
+  updates, state = _inject_and_step(3, x, rho=float('nan'),
+                                    eps1=float('nan'), eps2=float('nan'))
+  for running in state.running_stats.values():
+    np.testing.assert_array_equal(running.mean, 0)  # frozen: rho NaN -> 1
+    np.testing.assert_array_equal(running.variance, 1)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
 def test_traced_negative_eps_is_clipped_to_zero():
   _, _, x = _setup()
   clipped, _ = _inject_and_step(2, x, eps1=-5.0, eps2=-5.0)

@@ -129,15 +129,18 @@ def clip_hyperparameters(eps1, eps2, rho, dtype):
   statistics, they are clipped into the valid range: ``rho`` into
   ``[0, 1]`` (``rho = 1`` freezes the statistics, ``rho > 1`` would
   extrapolate them to negative variances), ``eps1`` and ``eps2`` to
-  ``>= 0``. Valid values pass unchanged.
+  ``>= 0``. A NaN ``rho`` freezes the statistics for the step (``1``), a NaN
+  ``eps`` counts as ``0``. Valid values pass unchanged.
 
   Returns:
     ``(eps1, eps2, rho)`` as arrays of ``dtype``.
   """
-  eps1 = jnp.maximum(jnp.asarray(eps1, dtype), 0)
-  eps2 = jnp.maximum(jnp.asarray(eps2, dtype), 0)
-  rho = jnp.clip(jnp.asarray(rho, dtype), 0, 1)
-  return eps1, eps2, rho
+  def clipped(value, low, high, if_nan):
+    value = jnp.asarray(value, dtype)
+    return jnp.where(jnp.isnan(value), if_nan, jnp.clip(value, low, high))
+
+  return (clipped(eps1, 0, None, 0), clipped(eps2, 0, None, 0),
+          clipped(rho, 0, 1, 1))
 
 
 def batch_variance(
