@@ -210,10 +210,11 @@ def test_nnx_optimizer_without_statistics_names_the_fix():
     optimizer.update(model, grads)
 
 
+@pytest.mark.parametrize('rows', [1, 64, 300])  # GEMV and reduction paths
 @pytest.mark.parametrize('split', [1, 3, 7])
-def test_variance_of_a_large_mean_matches_float64(split):
+def test_variance_of_a_large_mean_matches_float64(rows, split):
   rng = np.random.default_rng(split)
-  x = (1e6 + rng.standard_normal((64, 16))).astype(np.float32)
+  x = (1e6 + rng.standard_normal((rows * split, 16))).astype(np.float32)
   want = x.astype(np.float64).var(0)
   whole = jax.jit(bnp_optax.input_statistics)(x)
   np.testing.assert_allclose(whole.variance, want, rtol=1e-6)
@@ -221,7 +222,8 @@ def test_variance_of_a_large_mean_matches_float64(split):
   merged = bnp_optax.merge_statistics(parts)
   np.testing.assert_allclose(merged.variance, want, rtol=1e-6)
   np.testing.assert_allclose(
-      np.asarray(merged.mean, np.float64) + np.asarray(merged.mean_residual),
+      np.asarray(merged.mean, np.float64)
+      + np.asarray(merged.mean_residual, np.float64),
       x.astype(np.float64).mean(0), rtol=0, atol=1e-6)
 
 
@@ -242,4 +244,35 @@ def test_variance_of_a_large_mean_across_devices_matches_float64():
   variance, residual, mean = reduce(x)
   np.testing.assert_allclose(variance[0], flat.var(0), rtol=1e-6)
   np.testing.assert_allclose(
-      np.asarray(mean[0], np.float64) + residual[0], flat.mean(0), atol=1e-6)
+      np.asarray(mean[0], np.float64)
+      + np.asarray(residual[0], np.float64), flat.mean(0), atol=1e-6)
+
+
+def test_convolution_statistics_of_a_large_mean_match_float64():
+  rng = np.random.default_rng(1)
+  x = (-3e5 + 0.5 * rng.standard_normal((4, 9, 9, 3))).astype(np.float32)
+  stats = jax.jit(lambda x: bnp_optax.input_statistics(
+      x, batch_axes=(0,), positions=81))(x)
+  flat = x.reshape(-1, 3).astype(np.float64)
+  np.testing.assert_allclose(stats.variance, flat.var(0), rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(stats.mean, np.float64)
+      + np.asarray(stats.mean_residual, np.float64), flat.mean(0),
+      rtol=0, atol=1e-6)
+
+
+def test_variance_of_a_large_mean_on_an_explicitly_sharded_batch():
+  # jax.make_mesh's default axis types are explicit: the first row of a
+  # batch sharded that way cannot be sliced, the statistics shift by the
+  # column maximum instead.
+  rng = np.random.default_rng(2)
+  x = (1e6 + rng.standard_normal((64, 16))).astype(np.float32)
+  mesh = jax.make_mesh((8,), ('batch',))
+  sharded = jax.device_put(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch')))
+  stats = jax.jit(bnp_optax.input_statistics)(sharded)
+  flat = x.astype(np.float64)
+  np.testing.assert_allclose(stats.variance, flat.var(0), rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(stats.mean, np.float64)
+      + np.asarray(stats.mean_residual, np.float64), flat.mean(0), atol=1e-6)

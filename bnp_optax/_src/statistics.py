@@ -107,51 +107,64 @@ def _column_sums(rows: jax.Array) -> jax.Array:
   )
 
 
-def _column_sums_pair(deviations: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(sum d, sum d^2)`` over rows.
+def _data_shift(rows: jax.Array) -> jax.Array:
+  """One data value per column: the first row, or the column maximum.
 
-  Two GEMVs on CPU for few rows (see :func:`_column_sums`), else one
-  variadic reduction, so that the two sums share one pass over ``d``.
+  The first row is free, but a batch sharded with explicit axis types
+  (``jax.make_mesh``'s default) cannot be sliced across its sharded axis;
+  there the column maximum, one more reduction, is used instead. Both are
+  stored values, so every fusion that subtracts them subtracts the same
+  numbers.
   """
-  if deviations.shape[0] <= _CPU_GEMV_MAX_ROWS:
-    reduce_both = lambda d: (
-        jnp.sum(d, axis=0), jnp.sum(jnp.square(d), axis=0))
-    return lax.platform_dependent(
-        deviations,
-        cpu=lambda d: (_column_sums(d), _column_sums(jnp.square(d))),
-        default=reduce_both,
-    )
-  zero = jnp.zeros((), deviations.dtype)
-  return lax.reduce(
-      (deviations, jnp.square(deviations)), (zero, zero),
-      lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,),
-  )
+  typeof = getattr(jax, 'typeof', None)
+  spec = getattr(getattr(typeof(rows), 'sharding', None), 'spec', None) if (
+      typeof) else None
+  if spec and spec[0] is not None:
+    return jnp.max(rows, axis=0)
+  return rows[0]
 
 
-def _corrected_two_pass(
+def _shifted_two_pass(
     rows: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Column means and biased variances of ``rows``, accurate in float32.
 
-  The first pass gives a mean ``m`` with a rounding error ``e``; the second
-  sums the deviations ``d = x - m`` and their squares. The squares' mean is
-  ``var + e^2``, and ``mean(d) = -e`` measures the error, so
+  The plain two-pass variance ``mean((x - m)^2)`` is off by ``(m - mu)^2``,
+  ``m`` the float mean and ``mu`` the true one; for a mean 1e6 times the
+  spread that is percents, since float32 cannot even hold the mean closer
+  than a few hundredths of the spread. As in the corrected two-pass
+  algorithm (Chan, Golub and LeVeque, 1983), the error is measured and
+  removed, with two passes, as the plain algorithm takes:
 
-  ``mean = m + mean(d)``, ``var = mean(d^2) - mean(d)^2``
+  1. ``D = sum(x - x_0)``, deviations from a data value ``x_0`` (see
+     :func:`_data_shift`: within a few spreads of the mean, and read, not
+     computed, wherever it is used);
+  2. ``Q = sum((x - s)^2)`` about the refined shift ``s = x_0 + D 2^-k``,
+     ``2^k`` the power of two nearest the row count, so that the shift is
+     exact arithmetic on stored values and every fusion XLA makes computes
+     the same ``s`` (a ``D / count`` would be contracted into fused
+     multiply-adds in some places and not in others);
+  3. the offset ``o = mu - s = (x_0 - s) + D / count``, the variance
+     ``Q / count - o^2``, and the mean as the float ``s + o`` with the
+     residual that float rounding dropped.
 
-  (Chan, Golub and LeVeque, 1983, eq. 1.7) removes it at the cost of one
-  more column sum of ``d``, which the GEMV path gets from the same operand
-  and the reduction path from the same fused loop.
+  The second pass depends on the first, so XLA:CPU does not fuse them into
+  one multi-output reduction, which it runs an order of magnitude slower.
 
   Returns:
-    The means, the part of them that float rounding dropped (see
-    ``LayerStats.mean_residual``) and the variances.
+    The means, their residuals (see ``LayerStats.mean_residual``) and the
+    variances.
   """
   count = rows.shape[0]
-  shift = _column_sums(rows) / count
-  deviations = rows - shift[None, :]
-  deviation_sum, square_sum = _column_sums_pair(deviations)
-  return _combine_about(shift, count, deviation_sum, square_sum)
+  shift = _data_shift(rows)
+  deviation_sum = _column_sums(rows - shift[None, :])
+  refined = shift + deviation_sum * (2.0 ** -round(math.log2(count)))
+  square_sum = _column_sums(jnp.square(rows - refined[None, :]))
+  offset = (shift - refined) + deviation_sum / count
+  variance = jnp.maximum(square_sum / count - jnp.square(offset), 0)
+  mean = refined + offset
+  residual = (refined - mean) + offset
+  return mean, residual, variance
 
 
 def input_statistics(
@@ -164,7 +177,7 @@ def input_statistics(
 ) -> LayerStats:
   """Mean and biased variance of ``inputs`` over all but the feature axes.
 
-  The corrected two-pass algorithm (:func:`_corrected_two_pass`), so that a
+  The corrected two-pass algorithm (:func:`_shifted_two_pass`), so that a
   large mean with a small spread keeps its variance in float32 (the one-pass
   ``E[x^2] - E[x]^2`` loses it entirely, the plain two-pass by a few percent
   at a mean 1e6 times the spread) and no slice of the batch is needed (a
@@ -207,7 +220,7 @@ def input_statistics(
   count = rows.shape[0]
   if count == 0:
     raise ValueError('cannot take statistics of an empty batch')
-  mean, mean_residual, variance = _corrected_two_pass(rows)
+  mean, mean_residual, variance = _shifted_two_pass(rows)
   if batch_axes is None:
     batch_size = count
   else:
