@@ -4,11 +4,19 @@ Everything that depends on a kernel's layout goes through
 :class:`~bnp_optax.LayerSpec`. Layers are found in a parameter tree by their
 ``kernel`` leaf, as Flax names them; the path of a layer is the path of the
 mapping that holds its ``kernel`` (and ``bias``), written ``'Block_0/Dense_1'``.
+
+Trees that do not follow Flax's naming (Equinox modules, Haiku dicts, plain
+pytrees) describe their layers explicitly instead: ``layer_specs`` maps the
+path of each kernel *leaf* (``'layers/0/weight'``) to a :class:`LeafLayer`
+(its layout and the path of its bias leaf), as
+``bnp_optax.tracing.layer_specs`` finds them. Then exactly the listed layers
+are preconditioned and nothing is inferred from names.
 """
 
 from collections.abc import Mapping
 import dataclasses
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -19,7 +27,39 @@ from bnp_optax._src.statistics import LayerSpec
 KERNEL = 'kernel'
 BIAS = 'bias'
 PathTuple = tuple[str, ...]
-LayerSpecs = Mapping[str, LayerSpec] | None
+
+
+class LeafLayer(NamedTuple):
+  """A layer given by the path of its kernel leaf, in any parameter tree.
+
+  The values of ``layer_specs`` that ``bnp_optax.tracing.layer_specs``
+  returns, keyed by the kernel leaf's path (``'layers/0/weight'``,
+  ``'w1'``, ``'mlp/~/linear_0/w'``). When ``layer_specs`` holds these, the
+  layers are exactly the listed ones (no ``kernel`` naming is assumed) and
+  ``layer_stats`` is keyed by the same paths.
+
+  Attributes:
+    spec: the layout of the kernel leaf's axes.
+    bias: the path of the leaf added to the layer's output (broadcast along
+      the output features), or ``None``. It may hold size-1 axes (an
+      Equinox ``Conv2d`` bias is ``(c_out, 1, 1)``); its elements are in the
+      order of the kernel's independent and output axes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import bnp_optax
+    >>> params = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(2)}  # y = w @ x + b
+    >>> specs = {'w': bnp_optax.LeafLayer(
+    ...     bnp_optax.LayerSpec(spatial_axes=(), fan_in_axes=(1,)), bias='b')}
+    >>> bnp_optax.describe_coverage(params, layer_specs=specs)
+    {'b': 'dense bias', 'w': 'dense kernel'}
+  """
+
+  spec: LayerSpec
+  bias: str | None = None
+
+
+LayerSpecs = Mapping[str, LayerSpec | LeafLayer] | None
 
 _LAYOUT_HINT = (
     'Kernels that are not laid out as a Flax Dense (n_in, n_out) or Conv '
@@ -101,6 +141,7 @@ class Layer:
   bias_index: int | None
   kernel_shape: tuple[int, ...]
   explicit_spec: bool = False
+  leaf_layer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +153,15 @@ class ParameterTree:
   leaf_paths: list[PathTuple]
   layers: dict[str, Layer]
   masked_paths: frozenset[PathTuple]
+  masked_leaves: frozenset[str] = frozenset()
 
   def is_masked(self, path: PathTuple) -> bool:
     """Whether ``optax.masked`` excluded the layer at ``path``."""
     return any(path[: len(m)] == m for m in self.masked_paths)
+
+  def is_masked_name(self, name: str) -> bool:
+    """Same, for a layer name (a kernel leaf's path for leaf layers)."""
+    return name in self.masked_leaves or self.is_masked(tuple(name.split('/')))
 
 
 def _is_masked(x) -> bool:
@@ -150,6 +196,10 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   for leaf, path in zip(leaves, leaf_paths):
     if _is_masked(leaf):
       masked.add(path[:-1] if path and path[-1] == KERNEL else path)
+  if layer_specs is not None and any(
+      isinstance(v, LeafLayer) for v in layer_specs.values()):
+    return _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
+                              frozenset(masked))
   layers = {}
   for parent, names in children.items():
     if KERNEL not in names:
@@ -182,6 +232,44 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   return ParameterTree(
       leaves, treedef, leaf_paths, layers, frozenset(masked)
   )
+
+
+def _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
+                       masked) -> ParameterTree:
+  """``parse_tree`` for layers given as ``{kernel leaf path: LeafLayer}``."""
+  not_leaf = sorted(
+      n for n, v in layer_specs.items() if not isinstance(v, LeafLayer))
+  if not_leaf:
+    raise TypeError(
+        f'layer_specs mixes LeafLayer values with others (at {not_leaf}); '
+        'give every layer as a LeafLayer keyed by its kernel leaf path.'
+    )
+  index = {path_to_str(p): i for i, p in enumerate(leaf_paths)}
+  masked_leaves = frozenset(
+      path_to_str(p) for leaf, p in zip(leaves, leaf_paths) if _is_masked(leaf))
+  named = [(n, v.bias) for n, v in layer_specs.items()]
+  unknown = sorted(
+      p for n, b in named for p in (n, b) if p is not None and p not in index)
+  if unknown:
+    raise ValueError(
+        f'layer_specs names leaves that are not in the parameters: {unknown}. '
+        f'Leaf paths look like {sorted(index)[:3]}.'
+    )
+  layers = {}
+  for name, (spec, bias) in layer_specs.items():
+    kernel = leaves[index[name]]
+    if _is_masked(kernel):
+      continue
+    shape = tuple(getattr(kernel, 'shape', ()))
+    spec = check_spec(name, spec, shape)
+    bias_index = None if bias is None else index[bias]
+    if bias_index is not None and _is_masked(leaves[bias_index]):
+      bias_index = None
+    layers[name] = Layer(leaf_paths[index[name]], spec, index[name],
+                         bias_index, shape, explicit_spec=True,
+                         leaf_layer=True)
+  return ParameterTree(leaves, treedef, leaf_paths, layers, masked,
+                       masked_leaves)
 
 
 def flatten_layer_stats(
@@ -231,13 +319,15 @@ def match_statistics(
   orphans = sorted(
       name
       for name in set(stats) - set(tree.layers)
-      if not tree.is_masked(tuple(name.split('/')))
+      if not tree.is_masked_name(name)
   )
   if orphans:
     raise ValueError(
         f'scale_by_bnp: layer_stats has statistics for {orphans}, but the '
         "gradients have no 'kernel' at those paths. Known layers: "
-        f'{sorted(tree.layers)}.'
+        f'{sorted(tree.layers)}. Statistics from bnp_optax.tracing.apply '
+        'need layer_specs=bnp_optax.tracing.layer_specs(fn, params, ...) '
+        'when the optimizer is created.'
     )
   specs = {}
   for name, layer in tree.layers.items():
@@ -270,7 +360,12 @@ def match_statistics(
     if layer.bias_index is not None:
       bias_shape = tuple(getattr(tree.leaves[layer.bias_index], 'shape', ()))
       want = spec.bias_shape(layer.kernel_shape)
-      if bias_shape != want:
+      if layer.leaf_layer:
+        # A leaf layer's bias may hold size-1 axes: (c_out, 1, 1).
+        mismatch = math.prod(bias_shape) != math.prod(want)
+      else:
+        mismatch = bias_shape != want
+      if mismatch:
         raise ValueError(
             f'scale_by_bnp: layer {name!r}: bias shape {bias_shape} does not '
             f'match the output axes {want} of its kernel '
