@@ -431,7 +431,14 @@ def _analyse_jaxpr(jaxpr, in_values: Sequence[_Value], analysis: _Analysis,
       for sub in jax_core.jaxprs_in_params(eqn.params):
         sub_jaxpr = getattr(sub, 'jaxpr', sub)
         n = len(sub_jaxpr.invars)
-        sub_in = [_derived(values)] * n
+        # Operands passed one to one (cond: after the branch index), so that
+        # kernels inside are recognised, and reported.
+        if n == len(values):
+          sub_in = list(values)
+        elif n == len(values) - 1 and name == 'cond':
+          sub_in = list(values[1:])
+        else:
+          sub_in = [_derived(values)] * n
         _analyse_jaxpr(sub_jaxpr, sub_in, analysis, leaf_shapes,
                        context or f'a {name}')
     if counted:
