@@ -455,6 +455,38 @@ def test_scan_with_a_shared_kernel_merges_the_steps():
   assert float(stats['w'].batch_size) == 20
 
 
+def test_scan_over_stacked_layers_is_one_layer_per_step():
+  """Kernels (steps, n, n) sliced by a scan train as separate layers."""
+  rng = np.random.default_rng(0)
+  n, depth = 4, 3
+  with jax.enable_x64(True):
+    stacked = {'w': jnp.asarray(rng.standard_normal((depth, n, n)) / 2),
+               'b': jnp.asarray(rng.standard_normal((depth, n)))}
+
+    def scanned(p, x):
+      def body(h, wb):
+        w, b = wb
+        return jnp.tanh(h @ w + b[None]), None
+      return lax.scan(body, x, (p['w'], p['b']))[0]
+
+    def unrolled(p, x):
+      for i in range(depth):
+        x = jnp.tanh(x @ p[f'w{i}'] + p[f'b{i}'][None])
+      return x
+
+    specs = tracing.layer_specs(scanned, stacked, jnp.ones((6, n)))
+    assert specs == {'w': bnp_optax.LeafLayer(
+        bnp_optax.LayerSpec((), (1,), (0,)), 'b')}
+    separate = {f'{k}{i}': stacked[k][i] for k in 'wb' for i in range(depth)}
+    batches = _batches(rng, (n,), n)
+    want = _traced_history(unrolled, separate, batches)
+    got = _traced_history(scanned, stacked, batches)
+    for w, g in zip(want, got):
+      for i in range(depth):
+        _close(g['w'][i], w[f'w{i}'])
+        _close(g['b'][i], w[f'b{i}'])
+
+
 def test_tied_weights_merge_statistics():
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)

@@ -22,8 +22,10 @@ preconditioned, and :func:`describe` says why.
 Higher-order primitives: ``jit`` is inlined, ``remat``/``checkpoint`` is
 re-applied around the interpreted body (with the statistics as extra, non
 differentiated outputs), ``scan`` is re-applied with the statistics as extra
-per-step outputs, merged over the steps (a kernel closed over by the body is
-one layer used at every step).
+per-step outputs: a kernel closed over by the body is one layer used at every
+step (its statistics merged over the steps), a kernel sliced from a stacked
+parameter ``(steps, ...)`` is one layer per step (the stacked axis is an
+independent axis of the leaf, as for Flax's ``nn.scan``).
 """
 
 from collections.abc import Callable, Sequence
@@ -67,6 +69,8 @@ class _Value:
     broadcast: whether the view repeats elements (a bias broadcast to the
       layer output; never a kernel).
     note: why a value derived from parameters is not a view, if known.
+    sliced: the leaf axes that the enclosing ``scan`` slices (one kernel per
+      iteration); ``()`` outside such a scan.
   """
 
   sources: frozenset[int] = frozenset()
@@ -75,6 +79,7 @@ class _Value:
   axes: tuple[int | None, ...] = ()
   broadcast: bool = False
   note: str | None = None
+  sliced: tuple[int, ...] = ()
 
 
 _CONSTANT = _Value()
@@ -106,6 +111,7 @@ class _Site:
   batch_axes: tuple[int, ...] | None
   out_spatial: tuple[int, ...]  # output axes whose sizes are the positions
   output_labels: tuple[tuple[str, int] | None, ...]  # per output axis
+  sliced: tuple[int, ...] = ()  # leaf axes sliced by the enclosing scan
   bias: int | None = None
 
   def statistics(self, invals, outvals) -> statistics.LayerStats:
@@ -128,6 +134,8 @@ class _Analysis:
   sites: dict[int, _Site] = dataclasses.field(default_factory=dict)
   reasons: dict[int, list[str]] = dataclasses.field(default_factory=dict)
   uses: dict[int, int] = dataclasses.field(default_factory=dict)
+  # kernels sliced per iteration of a scan: one layer per step
+  sliced: set[int] = dataclasses.field(default_factory=set)
   # ids of the jaxprs that contain a site, directly or nested
   active: set[int] = dataclasses.field(default_factory=set)
 
@@ -184,6 +192,8 @@ def _kernel_layout(
   the leaf cannot be laid out so.
   """
   kinds = [_OUTPUT] * leaf_ndim  # size-1 axes the view dropped: outputs
+  for axis in view.sliced:
+    kinds[axis] = _INDEPENDENT
   to_leaf = {}
   for axis, (leaf_axis, kind) in enumerate(zip(view.axes, kernel_kinds)):
     if leaf_axis is not None:
@@ -227,9 +237,11 @@ def _dot_site(eqn, values: Sequence[_Value], analysis: _Analysis,
     return None
   to_leaf, leaf_kinds = layout
   independent = tuple(
-      i for i, kind in enumerate(leaf_kinds) if kind == _INDEPENDENT)
+      i for i, kind in enumerate(leaf_kinds)
+      if kind == _INDEPENDENT and i not in kernel.sliced)
   fan_in = tuple(i for i, kind in enumerate(leaf_kinds) if kind == _FAN_IN)
-  spec = statistics.LayerSpec((), fan_in, independent)
+  # The scan stacks the per-step statistics in front: sliced axes first.
+  spec = statistics.LayerSpec((), fan_in, kernel.sliced + independent)
   # The activation axis paired with each kernel axis, in the spec's order.
   pairs = dict(zip(kc, xc)) | dict(zip(kb, xb))
   from_leaf = {leaf_axis: axis for axis, leaf_axis in to_leaf.items()}
@@ -243,7 +255,7 @@ def _dot_site(eqn, values: Sequence[_Value], analysis: _Analysis,
   x_labels = [None] * len(x_free)
   labels = batch + (k_labels + x_labels if k == 0 else x_labels + k_labels)
   return _Site(kernel.leaf, spec, operand, feature_axes, None, (),
-               tuple(labels))
+               tuple(labels), kernel.sliced)
 
 
 def _conv_site(eqn, values: Sequence[_Value], analysis: _Analysis,
@@ -283,6 +295,7 @@ def _conv_site(eqn, values: Sequence[_Value], analysis: _Analysis,
           i for i, kind in enumerate(leaf_kinds) if kind == _SPATIAL),
       fan_in_axes=tuple(
           i for i, kind in enumerate(leaf_kinds) if kind == _FAN_IN),
+      independent_axes=rhs.sliced,
       feature_groups=params['feature_group_count'],
   )
   try:
@@ -293,7 +306,19 @@ def _conv_site(eqn, values: Sequence[_Value], analysis: _Analysis,
   labels = [None] * len(out_spec)
   labels[out_spec[1]] = (_OUTPUT, to_leaf.get(rhs_spec[0]))
   return _Site(rhs.leaf, spec, 0, (lhs_spec[1],), (lhs_spec[0],),
-               tuple(out_spec[2:]), tuple(labels))
+               tuple(out_spec[2:]), tuple(labels), rhs.sliced)
+
+
+def _slice(value: _Value) -> _Value:
+  """What a scan body sees of a value it scans over (axis 0 sliced)."""
+  if not _is_parameter(value):
+    return value
+  if (value.leaf is None or value.broadcast or value.sliced
+      or value.axes[0] is None):
+    return _derived([value], 'sliced by a scan in a way that is not one '
+                    'kernel per iteration')
+  return dataclasses.replace(value, axes=value.axes[1:],
+                             sliced=(value.axes[0],))
 
 
 def _uses(jaxpr) -> dict[Any, int]:
@@ -339,6 +364,11 @@ def _find_bias(jaxpr, start: int, site: _Site, env, uses,
     bias = env.get(other, _CONSTANT)
     if bias.leaf is None or bias.leaf == site.leaf:
       return None
+    # Sliced by the same scan as the kernel, in front (the stacked layers'
+    # biases (steps, n_out)), or not at all.
+    if len(bias.sliced) != len(site.sliced) or any(
+        a is not None and a < s for a in bias.axes for s in bias.sliced):
+      return None
     other_shape = tuple(other.aval.shape)
     if len(other_shape) != len(shape):
       return None
@@ -362,7 +392,7 @@ def _find_bias(jaxpr, start: int, site: _Site, env, uses,
     kernel_shape = leaf_shapes[site.leaf]
     spec = site.spec
     want = [a for a in spec.independent_axes + spec.output_axes(
-        len(kernel_shape)) if kernel_shape[a] != 1]
+        len(kernel_shape)) if kernel_shape[a] != 1 and a not in site.sliced]
     if [a for _, a in order] != want or bias_axes != sorted(bias_axes):
       return None
     if math.prod(leaf_shapes[bias.leaf]) != math.prod(
@@ -405,6 +435,8 @@ def _analyse_jaxpr(jaxpr, in_values: Sequence[_Value], analysis: _Analysis,
         else:
           pending.append((index, site))
           analysis.sites[id(eqn)] = site
+          if site.sliced:
+            analysis.sliced.add(site.leaf)
           active = True
       outs = [_derived(values)]
     elif name in _INLINED or name in _REMAT:
@@ -416,13 +448,11 @@ def _analyse_jaxpr(jaxpr, in_values: Sequence[_Value], analysis: _Analysis,
     elif name == 'scan':
       p = eqn.params
       n_consts, n_carry = p['num_consts'], p['num_carry']
-      inner = list(values[:n_consts])
+      inner = [
+          _derived([v], 'sliced by an outer scan and used in an inner one')
+          if v.sliced else v for v in values[:n_consts]]
       inner += [_derived([v]) for v in values[n_consts:n_consts + n_carry]]
-      inner += [
-          _derived([v], 'sliced by a scan (one kernel per iteration is not '
-                        'supported)') if _is_parameter(v) else v
-          for v in values[n_consts + n_carry:]
-      ]
+      inner += [_slice(v) for v in values[n_consts + n_carry:]]
       sub_jaxpr = p['jaxpr'].jaxpr
       _analyse_jaxpr(sub_jaxpr, inner, analysis, leaf_shapes, context)
       active |= id(sub_jaxpr) in analysis.active
@@ -548,6 +578,17 @@ def _merge_stacked(s: statistics.LayerStats) -> statistics.LayerStats:
                                s.spec)
 
 
+def _unstack(s: statistics.LayerStats) -> statistics.LayerStats:
+  """Statistics of a kernel sliced per scan step: one layer per step.
+
+  The stacked axis is the leaf's first independent axis (see the site's
+  spec); the scalars, equal for steps that see inputs of the same size, are
+  averaged, as the linen capture does for ``nn.scan``.
+  """
+  return s.replace(count=jnp.mean(s.count), batch_size=jnp.mean(s.batch_size),
+                   positions=jnp.mean(s.positions))
+
+
 def _bind(eqn, invals):
   params = eqn.primitive.get_bind_params(eqn.params)
   with eqn.ctx.manager:
@@ -609,7 +650,8 @@ def _evaluate_scan(eqn, invals, analysis, layers, collected) -> list:
       invals[n_consts + n_carry:], length=p['length'], reverse=p['reverse'],
       unroll=p['unroll'])
   for leaf, stats in inner.items():
-    collected.setdefault(leaf, []).extend(_merge_stacked(s) for s in stats)
+    combine = _unstack if leaf in analysis.sliced else _merge_stacked
+    collected.setdefault(leaf, []).extend(combine(s) for s in stats)
   return [*carry, *ys]
 
 
@@ -664,7 +706,8 @@ def apply(
   (Eq. 13), per input channel over the batch and spatial axes for a
   convolution (Eqs. 21-22), with ``positions`` the output positions. A
   kernel used by several layers (tied weights, a kernel closed over by a
-  ``scan`` body) gets their merged statistics.
+  ``scan`` body) gets their merged statistics; a stacked kernel sliced by a
+  ``scan`` is one layer per step.
 
   ``fn`` is traced to a jaxpr once per call (once per compilation under
   ``jit``) and evaluated by an interpreter that takes the statistics as it
