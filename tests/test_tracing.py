@@ -6,6 +6,9 @@ for Equinox, Haiku, plain JAX and unregistered linen layers, the same
 statistics for every layer type the interceptor knows.
 """
 
+import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -586,3 +589,22 @@ def test_package_imports_no_framework():
       'sys.modules}\n'
       'assert not bad, bad\n')
   subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_bench_tracing_runs(tmp_path):
+  """Smoke test of benchmarks/bench_tracing.py; nothing about time."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  out = tmp_path / 'r.json'
+  env = dict(os.environ, JAX_NUMPY_RANK_PROMOTION='raise',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-W', 'error', str(root / 'benchmarks' /
+                                          'bench_tracing.py'),
+       '--cases', 'fc60', '--steps', '2', '--warmup', '1',
+       '--compile-reps', '1', '--out', str(out)],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  (result,) = json.loads(out.read_text())['results']
+  for v in result['variants'].values():
+    assert v['jit_cache_size'] == 1 and v['median_ms'] > 0
+  assert result['tracing/linen']['step'] > 0
