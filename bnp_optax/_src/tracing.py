@@ -416,7 +416,6 @@ def _analyse_jaxpr(jaxpr, in_values: Sequence[_Value], analysis: _Analysis,
   for index, eqn in enumerate(jaxpr.eqns):
     values = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
-    sources = frozenset().union(*(v.sources for v in values))
     outs = None
     # Direct uses of each leaf (of a view of it) other than by views and
     # calls (whose bodies are counted): a bias must have no use but its add.
@@ -680,7 +679,7 @@ def layer_specs(
     >>> import jax.numpy as jnp
     >>> import bnp_optax
     >>> params = {'w': jnp.ones((3, 4)), 'b': jnp.zeros(4)}
-    >>> fn = lambda p, x: jnp.tanh(x @ p['w'] + p['b'])
+    >>> fn = lambda p, x: jnp.tanh(x @ p['w'] + p['b'][None, :])
     >>> specs = bnp_optax.tracing.layer_specs(fn, params, jnp.ones((8, 3)))
     >>> specs['w']
     LeafLayer(spec=LayerSpec(spatial_axes=(), fan_in_axes=(0,), \
@@ -734,7 +733,7 @@ def apply(
     >>> import jax, jax.numpy as jnp
     >>> import bnp_optax
     >>> params = {'w': jnp.ones((3, 4)), 'b': jnp.zeros(4)}
-    >>> fn = lambda p, x: jnp.tanh(x @ p['w'] + p['b'])
+    >>> fn = lambda p, x: jnp.tanh(x @ p['w'] + p['b'][None, :])
     >>> x = jnp.array([[0., 1., 2.], [2., 1., 4.]])
     >>> tx = bnp_optax.bnp(0.1, layer_specs=bnp_optax.tracing.layer_specs(
     ...     fn, params, x))
@@ -788,7 +787,8 @@ def describe(
     >>> import jax.numpy as jnp
     >>> import bnp_optax
     >>> def fn(p, x):  # weight normalisation: v / |v| is not a view of v
-    ...   return x @ (p['v'] / jnp.linalg.norm(p['v'], axis=0)) + p['b']
+    ...   v = p['v'] / jnp.linalg.norm(p['v'], axis=0, keepdims=True)
+    ...   return x @ v + p['b'][None, :]
     >>> params = {'v': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
     >>> for path, role in bnp_optax.tracing.describe(
     ...     fn, params, jnp.ones((4, 3))).items():
