@@ -339,6 +339,58 @@ def test_statistics_equal_the_linen_interceptor(name):
   assert described == bnp_optax.describe_coverage(params, ref)
 
 
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, carry, _):
+    return nn.relu(nn.Dense(4)(carry)), None
+
+
+def _scanned(collections):
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(_Block, variable_axes=collections,
+                     split_rngs={'params': True}, length=3)
+      return scan(name='blocks')(x, None)[0]
+  return Scanned()
+
+
+def _ensemble(collections):
+  class Ensemble(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (members, N, features)
+      dense = nn.vmap(nn.Dense, in_axes=0, out_axes=0,
+                      variable_axes=collections,
+                      split_rngs={'params': True})
+      return dense(2)(x)
+  return Ensemble()
+
+
+@pytest.mark.parametrize('make, shape', [(_scanned, (6, 4)),
+                                         (_ensemble, (2, 5, 3))])
+def test_linen_scan_and_vmap_need_no_collection(make, shape):
+  """The lifted layers are found as they are; linen needs its collection."""
+  x = jnp.asarray(models.badly_scaled_inputs(np.random.default_rng(0),
+                                             shape), jnp.float32)
+  model = make({'params': 0})
+  params = model.init(jax.random.key(0), x)['params']
+  fn = lambda p, x: model.apply({'params': p}, x)
+  _, got = tracing.apply(fn, params, x)
+  with_collection = make({'params': 0, bnp_optax.linen.COLLECTION: 0})
+  _, ref = bnp_optax.linen.apply(with_collection, {'params': params}, x)
+  ref = bnp_optax._src.layers.flatten_layer_stats(ref)
+  assert set(got) == {f'{k}/kernel' for k in ref}
+  specs = tracing.layer_specs(fn, params, x)
+  for key, r in ref.items():
+    g = got[f'{key}/kernel']
+    np.testing.assert_allclose(g.mean, r.mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.variance, r.variance, rtol=1e-4, atol=1e-4)
+    for field in ('count', 'batch_size', 'positions'):
+      assert float(getattr(g, field)) == float(getattr(r, field)), field
+    assert g.spec == r.spec == specs[f'{key}/kernel'].spec
+    assert specs[f'{key}/kernel'].bias == f'{key}/bias'
+
+
 def _equations(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
