@@ -611,6 +611,10 @@ def test_core_with_leaf_layers_keeps_unlisted_leaves_and_checks_paths():
       'b': 'dense bias', 's': 'pass-through', 'w': 'dense kernel'}
   with pytest.raises(ValueError, match='not in the parameters'):
     bnp_optax.scale_by_bnp(layer_specs={'x': specs['w']}).init(params)
+  with pytest.raises(ValueError, match='bias of several layers'):
+    bnp_optax.scale_by_bnp(layer_specs={
+        'w': specs['w'], 's': bnp_optax.LeafLayer(specs['w'].spec, 'b'),
+    }).init({**params, 's': jnp.ones((3, 2))})
   with pytest.raises(TypeError, match='mixes LeafLayer'):
     bnp_optax.scale_by_bnp(
         layer_specs={**specs, 's': bnp_optax._src.statistics.DENSE}

@@ -178,7 +178,8 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   Args:
     tree: parameters or gradients (NNX ``State`` of ``Variable``s too).
     layer_specs: optional overrides of the inferred :class:`LayerSpec`, keyed
-      by layer path (``'Block_0/Dense_1'``).
+      by layer path (``'Block_0/Dense_1'``); or :class:`LeafLayer` values
+      keyed by kernel leaf path, which list every layer explicitly.
 
   Returns:
     The flattened tree and its layers.
@@ -254,6 +255,14 @@ def _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
     raise ValueError(
         f'layer_specs names leaves that are not in the parameters: {unknown}. '
         f'Leaf paths look like {sorted(index)[:3]}.'
+    )
+  biases = [b for _, b in named if b is not None]
+  reused = sorted({b for b in biases if biases.count(b) > 1 or b in
+                   layer_specs})
+  if reused:
+    raise ValueError(
+        f'layer_specs gives {reused} as the bias of several layers, or as '
+        'the bias of one layer and the kernel of another.'
     )
   layers = {}
   for name, (spec, bias) in layer_specs.items():
