@@ -1,8 +1,10 @@
 """bnp_optax: Batch Normalization Preconditioning for JAX and Optax.
 
 The optax side (this module) never imports Flax; ``bnp_optax.linen`` and
-``bnp_optax.nnx`` hold the Flax integrations and ``bnp_optax.diagnostics`` the
-condition-number tools, each imported on first use.
+``bnp_optax.nnx`` hold the Flax integrations, ``bnp_optax.tracing`` the
+capture for any JAX function (Equinox, Haiku, plain JAX) and
+``bnp_optax.diagnostics`` the condition-number tools, each imported on first
+use.
 """
 
 import importlib
@@ -13,6 +15,7 @@ from bnp_optax._src.accumulate import multi_steps
 from bnp_optax._src.accumulate import MultiStepsState
 from bnp_optax._src.alias import bnp
 from bnp_optax._src.layers import describe_coverage
+from bnp_optax._src.layers import LeafLayer
 from bnp_optax._src.layout import LayerSpec
 from bnp_optax._src.statistics import all_reduce_statistics
 from bnp_optax._src.statistics import input_statistics
@@ -24,7 +27,7 @@ from bnp_optax._src.transform import ScaleByBNPState
 
 __version__ = '0.1.0'
 
-_LAZY_SUBMODULES = ('diagnostics', 'linen', 'nnx')
+_LAZY_SUBMODULES = ('diagnostics', 'linen', 'nnx', 'tracing')
 
 
 def __getattr__(name):
@@ -38,6 +41,7 @@ __all__ = [
     'BNPMultiStepsState',
     'LayerSpec',
     'LayerStats',
+    'LeafLayer',
     'MultiStepsState',
     'RunningStats',
     'ScaleByBNPState',

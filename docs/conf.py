@@ -50,7 +50,7 @@ _copy_notebooks()
 # ``api.md`` includes one generated list per module, so a new public name
 # appears without editing the docs (tests/test_docs.py checks the pages).
 API_MODULES = ('bnp_optax', 'bnp_optax.linen', 'bnp_optax.nnx',
-               'bnp_optax.diagnostics')
+               'bnp_optax.tracing', 'bnp_optax.diagnostics')
 
 
 def _write_api_lists() -> None:

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / 'docs'
 NOTEBOOKS = sorted((ROOT / 'notebooks').glob('*.ipynb'))
 API_MODULES = ('bnp_optax', 'bnp_optax.linen', 'bnp_optax.nnx',
-               'bnp_optax.diagnostics')
+               'bnp_optax.tracing', 'bnp_optax.diagnostics')
 
 pytest.importorskip('sphinx')
 pytest.importorskip('myst_nb')

@@ -4,11 +4,19 @@ Everything that depends on a kernel's layout goes through
 :class:`~bnp_optax.LayerSpec`. Layers are found in a parameter tree by their
 ``kernel`` leaf, as Flax names them; the path of a layer is the path of the
 mapping that holds its ``kernel`` (and ``bias``), written ``'Block_0/Dense_1'``.
+
+Trees that do not follow Flax's naming (Equinox modules, Haiku dicts, plain
+pytrees) describe their layers explicitly instead: ``layer_specs`` maps the
+path of each kernel *leaf* (``'layers/0/weight'``) to a :class:`LeafLayer`
+(its layout and the path of its bias leaf), as
+``bnp_optax.tracing.layer_specs`` finds them. Then exactly the listed layers
+are preconditioned and nothing is inferred from names.
 """
 
 from collections.abc import Mapping
 import dataclasses
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -20,7 +28,39 @@ from bnp_optax._src.layout import LayerSpec
 KERNEL = 'kernel'
 BIAS = 'bias'
 PathTuple = tuple[str, ...]
-LayerSpecs = Mapping[str, LayerSpec] | None
+
+
+class LeafLayer(NamedTuple):
+  """A layer given by the path of its kernel leaf, in any parameter tree.
+
+  The values of ``layer_specs`` that ``bnp_optax.tracing.layer_specs``
+  returns, keyed by the kernel leaf's path (``'layers/0/weight'``,
+  ``'w1'``, ``'mlp/~/linear_0/w'``). When ``layer_specs`` holds these, the
+  layers are exactly the listed ones (no ``kernel`` naming is assumed) and
+  ``layer_stats`` is keyed by the same paths.
+
+  Attributes:
+    spec: the layout of the kernel leaf's axes.
+    bias: the path of the leaf added to the layer's output (broadcast along
+      the output features), or ``None``. It may hold size-1 axes (an
+      Equinox ``Conv2d`` bias is ``(c_out, 1, 1)``); its elements are in the
+      order of the kernel's independent and output axes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import bnp_optax
+    >>> params = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(2)}  # y = w @ x + b
+    >>> specs = {'w': bnp_optax.LeafLayer(
+    ...     bnp_optax.LayerSpec(spatial_axes=(), fan_in_axes=(1,)), bias='b')}
+    >>> bnp_optax.describe_coverage(params, layer_specs=specs)
+    {'b': 'dense bias', 'w': 'dense kernel'}
+  """
+
+  spec: LayerSpec
+  bias: str | None = None
+
+
+LayerSpecs = Mapping[str, LayerSpec | LeafLayer] | None
 
 _LAYOUT_HINT = (
     'Kernels that are not laid out as a Flax Dense (n_in, n_out) or Conv '
@@ -29,15 +69,6 @@ _LAYOUT_HINT = (
     'created: scale_by_bnp(layer_specs=bnp_optax.linen.layer_specs(model, '
     'variables, x)) or layer_specs=bnp_optax.nnx.layer_specs(model).'
 )
-
-
-def infer_layer_spec(kernel_shape: tuple[int, ...]) -> LayerSpec | None:
-  """Flax's conventions: 2-D kernels are Dense, higher ones Conv."""
-  if len(kernel_shape) == 2:
-    return layout.DENSE
-  if len(kernel_shape) >= 3:
-    return layout.conv_spec(len(kernel_shape))
-  return None
 
 
 def path_to_str(path: PathTuple) -> str:
@@ -66,42 +97,16 @@ def key_path_to_tuple(key_path) -> PathTuple:
   return tuple(_key_to_str(k) for k in keys)
 
 
-def check_spec(name: str, spec: LayerSpec, kernel_shape) -> LayerSpec:
-  """Validates ``spec`` against the kernel and makes its axes non-negative."""
-  ndim = len(kernel_shape)
-  groups = (spec.spatial_axes, spec.fan_in_axes, spec.independent_axes)
-  flat = [a for axes in groups for a in axes]
-  if not spec.fan_in_axes or any(not -ndim <= a < ndim for a in flat):
-    raise ValueError(
-        f'layer {name!r}: {spec} does not fit its kernel of shape '
-        f'{tuple(kernel_shape)} (needs fan-in axes, all within the kernel).'
-    )
-  spec = LayerSpec(*(tuple(a % ndim for a in axes) for axes in groups),
-                   spec.feature_groups)
-  flat = spec.spatial_axes + spec.fan_in_axes + spec.independent_axes
-  if len(set(flat)) != len(flat):
-    raise ValueError(f'layer {name!r}: {spec} uses a kernel axis twice.')
-  if spec.feature_groups > 1:
-    out = spec.output_axes(ndim)
-    if len(out) != 1 or kernel_shape[out[0]] % spec.feature_groups:
-      raise ValueError(
-          f'layer {name!r}: feature_groups={spec.feature_groups} needs one '
-          'output axis divisible by it; kernel shape '
-          f'{tuple(kernel_shape)}.'
-      )
-  return spec
-
-
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """A preconditioned layer found in a gradient (or parameter) tree."""
 
-  path: PathTuple
   spec: LayerSpec
   kernel_index: int
   bias_index: int | None
   kernel_shape: tuple[int, ...]
   explicit_spec: bool = False
+  leaf_layer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +118,15 @@ class ParameterTree:
   leaf_paths: list[PathTuple]
   layers: dict[str, Layer]
   masked_paths: frozenset[PathTuple]
+  masked_leaves: frozenset[str] = frozenset()
 
   def is_masked(self, path: PathTuple) -> bool:
     """Whether ``optax.masked`` excluded the layer at ``path``."""
     return any(path[: len(m)] == m for m in self.masked_paths)
+
+  def is_masked_name(self, name: str) -> bool:
+    """Same, for a layer name (a kernel leaf's path for leaf layers)."""
+    return name in self.masked_leaves or self.is_masked(tuple(name.split('/')))
 
 
 def _is_masked(x) -> bool:
@@ -133,7 +143,8 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   Args:
     tree: parameters or gradients (NNX ``State`` of ``Variable``s too).
     layer_specs: optional overrides of the inferred :class:`LayerSpec`, keyed
-      by layer path (``'Block_0/Dense_1'``).
+      by layer path (``'Block_0/Dense_1'``); or :class:`LeafLayer` values
+      keyed by kernel leaf path, which list every layer explicitly.
 
   Returns:
     The flattened tree and its layers.
@@ -151,6 +162,10 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   for leaf, path in zip(leaves, leaf_paths):
     if _is_masked(leaf):
       masked.add(path[:-1] if path and path[-1] == KERNEL else path)
+  if layer_specs is not None and any(
+      isinstance(v, LeafLayer) for v in layer_specs.values()):
+    return _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
+                              frozenset(masked))
   layers = {}
   for parent, names in children.items():
     if KERNEL not in names:
@@ -162,15 +177,15 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
     shape = tuple(getattr(kernel, 'shape', ()))
     explicit = layer_specs is not None and name in layer_specs
     if explicit:
-      spec = check_spec(name, layer_specs[name], shape)
+      spec = layout.check_spec(name, layer_specs[name], shape)
     else:
-      spec = infer_layer_spec(shape)
+      spec = layout.infer_layer_spec(shape)
     if spec is None:
       continue
     bias_index = names.get(BIAS)
     if bias_index is not None and _is_masked(leaves[bias_index]):
       bias_index = None
-    layers[name] = Layer(parent, spec, names[KERNEL], bias_index, shape,
+    layers[name] = Layer(spec, names[KERNEL], bias_index, shape,
                          explicit)
   if layer_specs is not None:
     masked_names = {path_to_str(m) for m in masked}
@@ -183,6 +198,52 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   return ParameterTree(
       leaves, treedef, leaf_paths, layers, frozenset(masked)
   )
+
+
+def _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
+                       masked) -> ParameterTree:
+  """``parse_tree`` for layers given as ``{kernel leaf path: LeafLayer}``."""
+  not_leaf = sorted(
+      n for n, v in layer_specs.items() if not isinstance(v, LeafLayer))
+  if not_leaf:
+    raise TypeError(
+        f'layer_specs mixes LeafLayer values with others (at {not_leaf}); '
+        'give every layer as a LeafLayer keyed by its kernel leaf path.'
+    )
+  index = {path_to_str(p): i for i, p in enumerate(leaf_paths)}
+  masked_leaves = frozenset(
+      path_to_str(p) for leaf, p in zip(leaves, leaf_paths) if _is_masked(leaf))
+  named = [(n, v.bias) for n, v in layer_specs.items()]
+  unknown = sorted(
+      p for n, b in named for p in (n, b) if p is not None and p not in index)
+  if unknown:
+    raise ValueError(
+        f'layer_specs names leaves that are not in the parameters: {unknown}. '
+        f'Leaf paths look like {sorted(index)[:3]}.'
+    )
+  biases = [b for _, b in named if b is not None]
+  reused = sorted({b for b in biases if biases.count(b) > 1 or b in
+                   layer_specs})
+  if reused:
+    raise ValueError(
+        f'layer_specs gives {reused} as the bias of several layers, or as '
+        'the bias of one layer and the kernel of another.'
+    )
+  layers = {}
+  for name, (spec, bias) in layer_specs.items():
+    kernel = leaves[index[name]]
+    if _is_masked(kernel):
+      continue
+    shape = tuple(getattr(kernel, 'shape', ()))
+    spec = layout.check_spec(name, spec, shape)
+    bias_index = None if bias is None else index[bias]
+    if bias_index is not None and _is_masked(leaves[bias_index]):
+      bias_index = None
+    layers[name] = Layer(spec, index[name],
+                         bias_index, shape, explicit_spec=True,
+                         leaf_layer=True)
+  return ParameterTree(leaves, treedef, leaf_paths, layers, masked,
+                       masked_leaves)
 
 
 def flatten_layer_stats(
@@ -232,20 +293,22 @@ def match_statistics(
   orphans = sorted(
       name
       for name in set(stats) - set(tree.layers)
-      if not tree.is_masked(tuple(name.split('/')))
+      if not tree.is_masked_name(name)
   )
   if orphans:
     raise ValueError(
         f'scale_by_bnp: layer_stats has statistics for {orphans}, but the '
         "gradients have no 'kernel' at those paths. Known layers: "
-        f'{sorted(tree.layers)}.'
+        f'{sorted(tree.layers)}. Statistics from bnp_optax.tracing.apply '
+        'need layer_specs=bnp_optax.tracing.layer_specs(fn, params, ...) '
+        'when the optimizer is created.'
     )
   specs = {}
   for name, layer in tree.layers.items():
     s = stats[name]
     spec = layer.spec
     if s.spec is not None:
-      measured = check_spec(name, s.spec, layer.kernel_shape)
+      measured = layout.check_spec(name, s.spec, layer.kernel_shape)
       if layer.explicit_spec and measured != spec:
         raise ValueError(
             f'scale_by_bnp: layer {name!r}: layer_specs gives {spec} but the '
@@ -271,7 +334,12 @@ def match_statistics(
     if layer.bias_index is not None:
       bias_shape = tuple(getattr(tree.leaves[layer.bias_index], 'shape', ()))
       want = spec.bias_shape(layer.kernel_shape)
-      if bias_shape != want:
+      if layer.leaf_layer:
+        # A leaf layer's bias may hold size-1 axes: (c_out, 1, 1).
+        mismatch = math.prod(bias_shape) != math.prod(want)
+      else:
+        mismatch = bias_shape != want
+      if mismatch:
         raise ValueError(
             f'scale_by_bnp: layer {name!r}: bias shape {bias_shape} does not '
             f'match the output axes {want} of its kernel '

@@ -106,6 +106,41 @@ def dense_general_spec(
 
 
 
+def infer_layer_spec(kernel_shape: tuple[int, ...]) -> LayerSpec | None:
+  """Flax's conventions: 2-D kernels are Dense, higher ones Conv."""
+  if len(kernel_shape) == 2:
+    return DENSE
+  if len(kernel_shape) >= 3:
+    return conv_spec(len(kernel_shape))
+  return None
+
+
+def check_spec(name: str, spec: LayerSpec, kernel_shape) -> LayerSpec:
+  """Validates ``spec`` against the kernel and makes its axes non-negative."""
+  ndim = len(kernel_shape)
+  groups = (spec.spatial_axes, spec.fan_in_axes, spec.independent_axes)
+  flat = [a for axes in groups for a in axes]
+  if not spec.fan_in_axes or any(not -ndim <= a < ndim for a in flat):
+    raise ValueError(
+        f'layer {name!r}: {spec} does not fit its kernel of shape '
+        f'{tuple(kernel_shape)} (needs fan-in axes, all within the kernel).'
+    )
+  spec = LayerSpec(*(tuple(a % ndim for a in axes) for axes in groups),
+                   spec.feature_groups)
+  flat = spec.spatial_axes + spec.fan_in_axes + spec.independent_axes
+  if len(set(flat)) != len(flat):
+    raise ValueError(f'layer {name!r}: {spec} uses a kernel axis twice.')
+  if spec.feature_groups > 1:
+    out = spec.output_axes(ndim)
+    if len(out) != 1 or kernel_shape[out[0]] % spec.feature_groups:
+      raise ValueError(
+          f'layer {name!r}: feature_groups={spec.feature_groups} needs one '
+          'output axis divisible by it; kernel shape '
+          f'{tuple(kernel_shape)}.'
+      )
+  return spec
+
+
 class KernelView(NamedTuple):
   """A kernel seen as independent layers, its axes sorted by kind.
 

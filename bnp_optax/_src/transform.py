@@ -416,7 +416,10 @@ def scale_by_bnp(
       not laid out as Flax ``Dense`` (``(n_in, n_out)``) or ``Conv``
       (``(*window, c_in, c_out)``) kernels, needed when the optimizer state
       is created (``bnp_optax.linen.layer_specs`` and
-      ``bnp_optax.nnx.layer_specs`` compute them for a model).
+      ``bnp_optax.nnx.layer_specs`` compute them for a model); or
+      ``{kernel leaf path: LeafLayer}`` for any parameter pytree, as
+      ``bnp_optax.tracing.layer_specs`` computes them (Equinox, Haiku,
+      plain JAX functions).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
