@@ -33,5 +33,5 @@ def test_readme_python_blocks_run_in_order(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   losses = [float(v) for v in re.findall(r'loss after 100 steps: ([0-9.]+)',
                                          result.stdout)]
-  assert len(losses) == 2 and all(loss < 0.5 for loss in losses), (
+  assert len(losses) == 3 and all(loss < 0.5 for loss in losses), (
       result.stdout)

@@ -232,11 +232,11 @@ def _dot_site(eqn, values: Sequence[_Value], analysis: _Analysis,
     kinds[axis] = _FAN_IN
   for axis in kb:
     kinds[axis] = _INDEPENDENT
-  layout = _kernel_layout(len(leaf_shapes[kernel.leaf]), kernel, kinds)
-  if isinstance(layout, str):
-    analysis.reject(kernel.sources, layout)
+  found = _kernel_layout(len(leaf_shapes[kernel.leaf]), kernel, kinds)
+  if isinstance(found, str):
+    analysis.reject(kernel.sources, found)
     return None
-  to_leaf, leaf_kinds = layout
+  to_leaf, leaf_kinds = found
   independent = tuple(
       i for i, kind in enumerate(leaf_kinds)
       if kind == _INDEPENDENT and i not in kernel.sliced)
@@ -286,11 +286,11 @@ def _conv_site(eqn, values: Sequence[_Value], analysis: _Analysis,
   lhs_spec, rhs_spec, out_spec = params['dimension_numbers']
   kinds = [_SPATIAL] * eqn.invars[1].aval.ndim
   kinds[rhs_spec[0]], kinds[rhs_spec[1]] = _OUTPUT, _FAN_IN
-  layout = _kernel_layout(len(leaf_shapes[rhs.leaf]), rhs, kinds)
-  if isinstance(layout, str):
-    analysis.reject(rhs.sources, layout)
+  found = _kernel_layout(len(leaf_shapes[rhs.leaf]), rhs, kinds)
+  if isinstance(found, str):
+    analysis.reject(rhs.sources, found)
     return None
-  to_leaf, leaf_kinds = layout
+  to_leaf, leaf_kinds = found
   spec = layout.LayerSpec(
       spatial_axes=tuple(
           i for i, kind in enumerate(leaf_kinds) if kind == _SPATIAL),
