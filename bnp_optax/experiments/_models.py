@@ -8,6 +8,8 @@ layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
 - ``fc``: three hidden Dense layers of 100, ReLU, Glorot-uniform weights and
   zero biases; the normalisation comes after the activation
   (post-activation), as in the paper's BN network.
+- ``fc2``: the same with two hidden layers, the network of the paper's
+  Figure 8 (Section 5.1).
 - ``cnn5``: the TensorFlow tutorial CNN the paper uses: three 3x3 VALID
   convolutions with 32, 64 and 32 filters, ReLU, 2x2 max pooling after the
   first two, then Dense(64) and Dense(classes); Glorot-uniform weights, zero
@@ -30,6 +32,7 @@ import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
+import optax
 
 from bnp_optax.experiments import _batch_renorm
 
@@ -86,6 +89,12 @@ class _GroupNormCapped(nn.Module):
     while channels % size:
       size -= 1
     return nn.GroupNorm(num_groups=None, group_size=size, epsilon=1e-5)(x)
+
+
+def cross_entropy(logits, labels):
+  """Mean softmax cross entropy with integer labels: the paper's loss."""
+  return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 def _apply_norm(norm, train, x, **kwargs):
@@ -229,7 +238,7 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=_glorot, bias_init=_zeros)(x)
 
 
-MODELS = ('fc', 'cnn5', 'resnet110', 'preact_resnet110', 'resnet18')
+MODELS = ('fc', 'fc2', 'cnn5', 'resnet110', 'preact_resnet110', 'resnet18')
 
 
 def make_model(name: str, norm: str, num_classes: int, *,
@@ -253,6 +262,9 @@ def make_model(name: str, norm: str, num_classes: int, *,
     raise ValueError(f'unknown normalisation {norm!r}; expected one of {NORMS}')
   if name == 'fc':
     return FullyConnected(norm=norm, num_classes=num_classes)
+  if name == 'fc2':
+    return FullyConnected(norm=norm, num_classes=num_classes,
+                          hidden=(100, 100))
   if name == 'cnn5':
     return CNN5(norm=norm, num_classes=num_classes)
   if name in ('resnet110', 'preact_resnet110'):
