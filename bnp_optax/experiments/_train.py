@@ -341,8 +341,8 @@ class _Checkpoints:
 
 
 def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
-          log=print, stop=None, checkpoint_dir=None,
-          resume: bool = False) -> dict[str, Any]:
+          log=print, stop=None, checkpoint_dir=None, resume: bool = False,
+          keep_state: bool = False) -> dict[str, Any]:
   """Trains one configuration on ``ds`` and returns its result dict.
 
   Args:
@@ -355,6 +355,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
       the run there with :class:`Interrupted`, nothing half-done kept.
     checkpoint_dir: save an orbax checkpoint there at each evaluation.
     resume: continue from the last checkpoint in ``checkpoint_dir``.
+    keep_state: also return the final ``(params, model state, optimizer
+      state, key data)`` under ``'state'`` (not JSON).
 
   Returns:
     The result, in the JSON schema :data:`SCHEMA` (see :func:`check_result`).
@@ -411,8 +413,9 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
     if conditioning is not None:
       conditioning.rows = meta['conditioning']
     resumed_from = step
-    log(f'resumed {config.run_name()} from its checkpoint at step {step} '
-        f'(epoch {history[-1]["epoch"]:.2f})')
+    if log is not None:
+      log(f'resumed {config.run_name()} from its checkpoint at step {step} '
+          f'(epoch {history[-1]["epoch"]:.2f})')
   else:
     eval_start = time.perf_counter()
     acc0, loss0 = run_eval(state)
@@ -476,15 +479,16 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
                 f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
                 f'train loss {seg_loss:.4f} test acc {acc:.2%} '
                 f'({timing["train_s"]:.1f}s)')
-        if bar is not None:
-          bar.write(line)
-        elif log is not None:
-          log(line)
         if checkpoints is not None and step < total_steps:
           meta = dict(step=step, history=history, timing=timing)
           if conditioning is not None:
             meta['conditioning'] = conditioning.rows
           checkpoints.save(step, state, meta)
+          line += ', checkpoint saved'
+        if bar is not None:
+          bar.write(line)
+        elif log is not None:
+          log(line)
   finally:
     if bar is not None:
       bar.close()
@@ -520,6 +524,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   }
   if conditioning is not None:
     result['conditioning'] = conditioning.rows
+  if keep_state:
+    result['state'] = state
   return result
 
 
