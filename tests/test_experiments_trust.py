@@ -63,26 +63,21 @@ def test_identity_is_the_full_configuration(tmp_path):
   stored = json.loads(first.read_text())
   assert stored['config']['rho'] == 0.99 and stored['config']['eps1'] == 0.01
   assert stored['group'] in first.name
-  # Another rho is another run: not "existing", not skipped, not replaced.
-  done = _cli_run('run', *_TINY, '--rho', '0.9', '--out', out)
-  assert done.returncode == 0, done.stderr
+  # Another rho is another run: --skip-existing does not keep the first.
+  done = _cli_run('run', *_TINY, '--rho', '0.9', '--skip-existing',
+                  '--out', out)
+  assert done.returncode == 0 and 'kept' not in done.stdout, done.stderr
   files = _results(out)
   assert len(files) == 2
   other = next(f for f in files if f != first)
   assert json.loads(other.read_text())['config']['rho'] == 0.9
   before = other.read_bytes()
-  # --skip-existing keeps only the identical configuration ...
-  done = _cli_run('run', *_TINY, '--eps1', '0.02', '--skip-existing',
-                  '--out', out)
-  assert done.returncode == 0 and 'kept' not in done.stdout
-  assert len(_results(out)) == 3
-  done = _cli_run('run', *_TINY, '--skip-existing', '--out', out)
-  assert done.returncode == 0 and 'kept' in done.stdout
-  # ... and --overwrite replaces only it.
+  # --overwrite replaces only the identical configuration.
   done = _cli_run('run', *_TINY, '--overwrite', '--out', out)
   assert done.returncode == 0, done.stderr
   assert other.read_bytes() == before
-  assert len(_results(out)) == 3
+  assert json.loads(first.read_text())['created'] != stored['created']
+  assert len(_results(out)) == 2
   assert not [p for p in out.iterdir() if p.name.startswith('.')]
 
 
@@ -105,29 +100,34 @@ def test_every_field_is_in_the_identity():
 
 
 def _fake_runs(directory, template, variants):
-  """Copies of a real result with changed configuration fields."""
+  """Result files of configurations ``template | variant``, without training.
+
+  Each variant's runs get a history of two evaluations and an accuracy that
+  grows with the variant's index.
+  """
   directory.mkdir(parents=True, exist_ok=True)
   for i, changes in enumerate(variants):
-    result = json.loads(json.dumps(template))
-    config = _config.RunConfig(**{
-        k: (tuple(v) if k == 'lr_decay_epochs' else v)
-        for k, v in _config.identity_of(result['config']).items()
-        if k != 'identity_version'} | changes)
-    result['config'].update(_config.canonical(config))
-    result['group'] = config.group_hash()
-    result['name'] = config.run_name()
+    config = _config.RunConfig(**(template | changes))
     acc = 0.3 + 0.1 * i
-    result['history'][-1]['test_accuracy'] = acc
-    result['final']['test_accuracy'] = acc
-    (directory / f'{result["name"]}.json').write_text(json.dumps(result))
+    history = [dict(epoch=0.0, step=0, train_loss=None, test_accuracy=0.1,
+                    test_loss=2.3, time_s=0.0),
+               dict(epoch=float(config.epochs), step=10, train_loss=1.0 - acc,
+                    test_accuracy=acc, test_loss=1.5, time_s=1.0)]
+    result = dict(
+        schema=_train.SCHEMA, name=config.run_name(),
+        group=config.group_hash(), created='2026-01-01T00:00:00',
+        config=_config.canonical(config) | dict(
+            learning_rate_source='test', method_label=config.method.upper()),
+        versions={}, history=history,
+        final=dict(train_loss=1.0 - acc, test_accuracy=acc, diverged=False),
+        timing=dict(total_s=1.0))
+    _train.check_result(result)
+    (directory / f'{config.run_name()}.json').write_text(json.dumps(result))
 
 
-@pytest.fixture(scope='module')
-def one_result(tmp_path_factory):
-  out = tmp_path_factory.mktemp('one')
-  done = _cli_run('run', *_TINY, '--evals-per-epoch', '1', '--out', out)
-  assert done.returncode == 0, done.stderr
-  return json.loads(_results(out)[0].read_text())
+@pytest.fixture
+def one_result():
+  return dict(method='bnp', batch_size=20, epochs=1, train_subset=60)
 
 
 def test_plot_separates_learning_rates_and_epochs(one_result, tmp_path):
@@ -164,6 +164,21 @@ def test_plot_refuses_duplicate_seeds(one_result, tmp_path):
   assert not (tmp_path / 'x.png').exists()
 
 
+@pytest.mark.slow
+def test_plot_of_real_runs(tmp_path):
+  out = tmp_path / 'runs'
+  done = _cli_run('run', *_TINY, '--seeds', '0,1', '--lr', '0.05',
+                  '--out', out, '--plot', tmp_path / 'a.png')
+  assert done.returncode == 0, done.stderr
+  done = _cli_run('run', *_TINY, '--seeds', '0,1', '--lr', '0.5',
+                  '--out', out)
+  assert done.returncode == 0, done.stderr
+  done = _cli_run('plot', out, '-o', tmp_path / 'b.png')
+  assert done.returncode == 0, done.stderr
+  rows = [l for l in done.stdout.splitlines() if l.startswith('fc ')]
+  assert [r.split()[4:6] for r in rows] == [['0.05', '2'], ['0.5', '2']]
+
+
 def test_plot_shows_one_epoch_runs(one_result, tmp_path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -176,7 +191,8 @@ def test_plot_shows_one_epoch_runs(one_result, tmp_path):
     captured['fig'] = fig
     original(fig)
 
-  _fake_runs(tmp_path / 'r', one_result, [dict(seed=0), dict(seed=1)])
+  _fake_runs(tmp_path / 'r', one_result | dict(evals_per_epoch=1),
+             [dict(seed=0), dict(seed=1)])
   results = _plot.load_results([tmp_path / 'r'])
   try:
     plt.close = keep
@@ -244,7 +260,7 @@ def _corrupt_mnist(root):
     (['--evals-per-epoch', '4'], 'more than the 3 steps per epoch'),
     (['--momentum', '1'], '--momentum must be in [0, 1)'),
     (['--lr', 'nan'], '--lr must be a finite number > 0'),
-    (['--methods', 'vanilla,nope'], '--methods: unknown value'),
+    (['--methods', 'vanilla,nope'], "--methods: unknown method 'nope'"),
     (['OUT_IS_FILE'], 'is a file, not a directory'),
     (['OUT_UNDER_FILE'], 'cannot be created'),
     (['OUT_READ_ONLY'], 'is not writable'),
@@ -301,7 +317,7 @@ def test_a_suite_is_checked_before_its_first_run(tmp_path):
 
 def _start(out, *extra):
   argv = [sys.executable, '-m', 'bnp_optax.experiments', 'run', '--methods',
-          'bnp', '--batch-size', '2', '--train-subset', '400',
+          'bnp', '--batch-size', '2', '--train-subset', '200',
           '--test-subset', '30', '--steps-per-call', '1', '--out', str(out),
           *extra]
   return subprocess.Popen(argv, cwd=_ROOT, stdout=subprocess.PIPE,
@@ -322,8 +338,7 @@ def _wait_for(proc, text, timeout=120):
   raise AssertionError(f'no {text!r} in {lines}')
 
 
-@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM,
-                                    signal.SIGINT])
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_signals_stop_cleanly(signum, tmp_path):
   out = tmp_path / 'runs'
   proc = _start(out, '--epochs', '200')
@@ -445,7 +460,7 @@ def test_no_progress_bar_fragments_in_logs(tmp_path):
   assert done.returncode == 0, done.stderr
   assert '\r' not in done.stdout + done.stderr
   assert 'it/s' not in done.stderr and 'step/s' not in done.stderr
-  assert done.stdout.count('epoch 0.50') == 1
+  assert done.stdout.count('train loss') == 2  # One line per evaluation.
   assert done.stdout.count('epoch 1.00') == 1
 
 

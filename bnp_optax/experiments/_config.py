@@ -308,8 +308,8 @@ def check(config) -> None:
     value = getattr(config, f.name)
     meta = f.metadata
     if meta.get('choices') and value not in meta['choices']:
-      raise ValueError(f'{flag_of(f)}: unknown value {value!r}; expected one '
-                       f'of {", ".join(meta["choices"])}')
+      raise ValueError(f'{flag_of(f)}: unknown {f.name} {value!r}; expected '
+                       f'one of {", ".join(meta["choices"])}')
     checker = meta.get('check')
     message = checker(value) if checker else None
     if message:

@@ -355,18 +355,30 @@ def _load_from(name: str, directory: pathlib.Path) -> Dataset | None:
   return found
 
 
-def load_digits(test_fraction: float = 0.2) -> Dataset:
-  """scikit-learn's bundled digits as 8x8x1 uint8 (0..255), split 80/20."""
+def load_digits(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
+  """scikit-learn's bundled digits as 8x8x1 uint8 (0..255), split 80/20.
+
+  Args:
+    test_fraction: the share of the test split.
+    seed: seed of the random split.
+
+  Returns:
+    The :class:`Dataset`.
+
+  Raises:
+    DataError: scikit-learn is not installed.
+  """
   try:
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise DataError(
         "the offline 'digits' dataset needs scikit-learn: "
-        "pip install 'bnp_optax[experiments]'") from e
+        "pip install 'bnp_optax[experiments]' (or 'bnp_optax[examples]')"
+    ) from e
   digits = datasets.load_digits()
   x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   y = digits.target.astype(np.int32)
-  order = np.random.default_rng(0).permutation(len(x))
+  order = np.random.default_rng(seed).permutation(len(x))
   n_test = int(len(x) * test_fraction)
   test, train = order[:n_test], order[n_test:]
   return Dataset('digits', x[train], y[train], x[test], y[test], 10,

@@ -1,6 +1,7 @@
 """The paper's models (Section 5, Appendix B) in Flax linen.
 
-Every model takes ``(x, train)`` with ``x`` in NHWC and a normalisation
+Every model takes ``(x, train)`` with ``x`` in NHWC (``train`` defaults to
+the module's ``train`` attribute, False) and a normalisation
 ``norm`` among ``'none'``, ``'bn'`` (BatchNorm), ``'renorm'`` (Batch
 Renormalization), ``'ln'`` (LayerNorm) and ``'gn'`` (GroupNorm). BNP needs no
 layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
@@ -108,9 +109,11 @@ class FullyConnected(nn.Module):
   norm: str = 'none'
   num_classes: int = 10
   hidden: tuple[int, ...] = (100, 100, 100)
+  train: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool | None = None):
+    train = self.train if train is None else train
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, kernel_init=_glorot, bias_init=_zeros)(x))
@@ -126,9 +129,11 @@ class CNN5(nn.Module):
   num_classes: int = 10
   filters: tuple[int, ...] = (32, 64, 32)
   dense: int = 64
+  train: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool | None = None):
+    train = self.train if train is None else train
     for i, f in enumerate(self.filters):
       x = nn.Conv(f, (3, 3), padding='VALID', kernel_init=_glorot,
                   bias_init=_zeros)(x)
@@ -195,6 +200,7 @@ class ResNet(nn.Module):
     init_scale: factor on the He-normal weight initialisation.
     conv_bias: give the convolutions a bias (for BNP, which centres with it).
     gn_groups: GroupNorm group count (ResNet-18), else groups of 4 channels.
+    train: the default of ``__call__``'s ``train`` (batch statistics).
   """
 
   norm: str = 'bn'
@@ -206,9 +212,11 @@ class ResNet(nn.Module):
   init_scale: float = 1.0
   conv_bias: bool = False
   gn_groups: int | None = None
+  train: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool | None = None):
+    train = self.train if train is None else train
     init = nn.initializers.variance_scaling(
         2.0 * self.init_scale ** 2, 'fan_out', 'normal')
     conv = functools.partial(nn.Conv, padding='SAME', kernel_init=init,
