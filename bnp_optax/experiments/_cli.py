@@ -409,6 +409,15 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
   print(_plot.summary_table(results))
   if plot_path:
     print(f'figure: {_plot.plot(results, plot_path, title=title)}')
+  for result in results:
+    if result.get('conditioning'):  # Figure 8.
+      print()
+      print(_plot.conditioning_summary(result))
+      if plot_path:
+        path = pathlib.Path(plot_path)
+        path = path.with_name(f'{path.stem}-conditioning-'
+                              f'{result["name"]}.png')
+        print(f'figure: {_plot.plot_conditioning(result, path)}')
   return results
 
 

@@ -294,3 +294,84 @@ def summary_table(results) -> str:
            for r in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))
   return '\n'.join(lines)
+
+
+_KAPPAS = (
+    ('kappa(H^T S H)', lambda r: r['kappa_hessian']),
+    ('kappa(P^T H^T S H P)', lambda r: r['kappa_preconditioned']),
+    ('kappa(P_batch^T H^T S H P_batch)',
+     lambda r: r['kappa_preconditioned_batch']),
+    ('kappa(D)', lambda r: r['kappa_d']),
+    ('kappa(D)^2', lambda r: r['kappa_d'] ** 2),
+    ('improvement kappa_H / kappa_PHP',
+     lambda r: r['kappa_hessian'] / r['kappa_preconditioned']),
+    ('improvement / kappa(D)^2', lambda r: r['kappa_hessian'] / r[
+        'kappa_preconditioned'] / r['kappa_d'] ** 2),
+    ('eps=0: kappa(P^T H^T S H P)',
+     lambda r: r['kappa_preconditioned_eps0']),
+    ('eps=0: kappa(D)', lambda r: r['kappa_d_eps0']),
+    ('eps=0: improvement',
+     lambda r: r['kappa_hessian'] / r['kappa_preconditioned_eps0']),
+    ('eps=0: improvement / kappa(D)^2', lambda r: r['kappa_hessian'] / r[
+        'kappa_preconditioned_eps0'] / r['kappa_d_eps0'] ** 2),
+)
+
+
+def conditioning_series(result) -> dict[str, np.ndarray]:
+  """Figure 8's per-step series of a run with ``conditioning_every``."""
+  rows = result['conditioning']
+  series = {k: np.array([r[k] for r in rows], float) for k in rows[0]}
+  series['improvement'] = (series['kappa_hessian']
+                           / series['kappa_preconditioned'])
+  return series
+
+
+def conditioning_summary(result) -> str:
+  """Percentiles over the steps of Figure 8's condition numbers."""
+  rows = result['conditioning']
+  ranks = [r['rank'] for r in rows]
+  lines = [f'{result["name"]}: {len(rows)} steps with condition numbers; '
+           f'rank of the Hessian: median {np.median(ranks):.0f} (of '
+           f'{rows[0]["size"]})']
+  for name, fn in _KAPPAS:
+    v = np.array([fn(r) for r in rows], float)
+    q = np.percentile(v, [5, 50, 95])
+    lines.append(f'{name:34s} 5%: {q[0]:10.3g}  median: {q[1]:10.3g}  '
+                 f'95%: {q[2]:10.3g}')
+  s = conditioning_series(result)
+  ratio = np.log10(s['improvement']) / np.log10(s['kappa_d'] ** 2)
+  lines.append(f'log10(improvement) / log10(kappa(D)^2): median '
+               f'{np.nanmedian(ratio):.2f}')
+  return '\n'.join(lines)
+
+
+def plot_conditioning(result, output) -> pathlib.Path:
+  """Figure 8: condition numbers per step, with and without BNP."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise _train.MissingDependency('matplotlib', 'plotting') from e
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  s = conditioning_series(result)
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+  ax1.semilogy(s['step'], s['kappa_hessian'], lw=0.5, label='Hessian')
+  ax1.semilogy(s['step'], s['kappa_preconditioned'], lw=0.5,
+               label='BNP preconditioned')
+  ax1.set_xlabel('iteration')
+  ax1.set_ylabel('condition number')
+  ax1.legend()
+  ax2.semilogy(s['step'], s['kappa_d'], lw=0.5, label='kappa(D)')
+  ax2.semilogy(s['step'], s['improvement'], lw=0.5,
+               label='kappa_H / kappa_PHP')
+  ax2.set_xlabel('iteration')
+  ax2.legend()
+  for ax in (ax1, ax2):
+    ax.set_xlim(s['step'].min(), max(s['step'].max(), s['step'].min() + 1))
+  fig.suptitle(result['name'], fontsize=9)
+  fig.tight_layout()
+  output = pathlib.Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(output, dpi=120)
+  plt.close(fig)
+  return output

@@ -278,7 +278,7 @@ class _Conditioning:
         kappa_preconditioned=c.kappa_preconditioned, kappa_d=c.kappa_d,
         kappa_preconditioned_batch=batch.kappa_preconditioned, rank=c.rank,
         kappa_preconditioned_eps0=plain.kappa_preconditioned,
-        kappa_d_eps0=plain.kappa_d))
+        kappa_d_eps0=plain.kappa_d, size=int(nh.hessian.shape[0])))
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
