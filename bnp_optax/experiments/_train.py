@@ -12,6 +12,7 @@ separately.
 
 import datetime
 import math
+import pathlib
 import platform
 import sys
 import time
@@ -314,9 +315,10 @@ class _Checkpoints:
     except ImportError as e:
       raise MissingDependency('orbax-checkpoint', 'checkpointing') from e
     self.ocp = ocp
-    self.directory = directory
+    # Orbax wants absolute paths.
+    self.directory = pathlib.Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
+        self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=1, enable_async_checkpointing=False,
             create=True))
 
