@@ -21,24 +21,26 @@ BatchNorm variants use and update batch statistics):
 
 from bnp_optax.experiments import _models
 
+# pylint: disable=invalid-name  (classes in spirit: they build modules)
+
 
 def _norm(batch_norm: bool) -> str:
   return 'bn' if batch_norm else 'none'
 
 
-def FC(*, batch_norm: bool = False, num_classes: int = 10):  # pylint: disable=invalid-name
+def FC(*, batch_norm: bool = False, num_classes: int = 10):
   """784-100-100-100-10, ReLU, optional post-activation BatchNorm."""
   return _models.FullyConnected(norm=_norm(batch_norm),
                                 num_classes=num_classes, train=True)
 
 
-def CNN5(*, batch_norm: bool = False, num_classes: int = 10):  # pylint: disable=invalid-name
+def CNN5(*, batch_norm: bool = False, num_classes: int = 10):
   """Conv 32-64-32 (3x3), max-pool after the first two, Dense 64, Dense 10."""
   return _models.CNN5(norm=_norm(batch_norm), num_classes=num_classes,
                       train=True)
 
 
-def ResNet18(*, batch_norm: bool = False, num_classes: int = 10):  # pylint: disable=invalid-name
+def ResNet18(*, batch_norm: bool = False, num_classes: int = 10):
   """ResNet-18-like for 32x32 inputs (about 11M parameters)."""
   return _models.ResNet(
       norm=_norm(batch_norm), num_classes=num_classes,

@@ -473,6 +473,12 @@ def _cmd_list(args, signals):
   for s in _suites.SUITES.values():
     print(f'  {s.name:<15} {s.figure}: {s.model} {s.dataset} bs '
           f'{s.batch_size}, {",".join(s.methods)}, {s.epochs} epochs')
+    if s.settings:
+      print('      settings: ' + ', '.join(
+          f'{k}={v}' for k, v in s.settings.items()))
+    for method, settings in s.method_settings.items():
+      print(f'      {method}: ' + ', '.join(
+          f'{k}={v}' for k, v in settings.items()))
   print("the paper's learning rates (Tables 2 and 3):")
   for (model, dataset, bs), lrs in _methods.LEARNING_RATES.items():
     rates = ', '.join(f'{k} {v:g}' for k, v in lrs.items())
@@ -515,10 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
                      description="One of the paper's comparisons; its model, "
                      'dataset, batch size and settings are fixed, the other '
                      'flags change them. ' + _IDENTITY_NOTE)
-  p.add_argument('name', metavar='NAME', help='suite name: ' + ', '.join(_suites.SUITES))
+  p.add_argument('name', metavar='NAME',
+                 help='suite name: ' + ', '.join(_suites.SUITES))
   _config.add_arguments(
       p.add_argument_group('training (the run identity; defaults: the '
-                           "suite's)"), _config.RunConfig,
+                           "suite's settings (see `list`), else as shown)"),
+      _config.RunConfig,
       exclude=('model', 'dataset', 'batch_size'),
       defaults=dict(method="the suite's", epochs="the suite's"))
   _config.add_arguments(p.add_argument_group('data and output'),
