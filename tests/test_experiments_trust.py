@@ -34,11 +34,17 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _cli_run(*args, timeout=180, umask=None, **kwargs):
   """``python -m bnp_optax.experiments ARGS`` in a subprocess."""
-  preexec = (lambda: os.umask(umask)) if umask is not None else None
-  return subprocess.run(
-      [sys.executable, '-m', 'bnp_optax.experiments', *map(str, args)],
-      capture_output=True, text=True, timeout=timeout, check=False,
-      cwd=_ROOT, preexec_fn=preexec, **kwargs)
+  # The child inherits the umask (no preexec_fn: forking a process that
+  # runs JAX's threads warns).
+  previous = os.umask(umask) if umask is not None else None
+  try:
+    return subprocess.run(
+        [sys.executable, '-m', 'bnp_optax.experiments', *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=_ROOT, **kwargs)
+  finally:
+    if previous is not None:
+      os.umask(previous)
 
 
 def _results(directory):
@@ -55,11 +61,11 @@ def _no_traceback(done):
 
 def test_identity_is_the_full_configuration(tmp_path):
   out = tmp_path / 'runs'
-  done = _cli_run('run', *_TINY, '--out', out, umask=0o022)
+  done = _cli_run('run', *_TINY, '--out', out, umask=0o027)
   assert done.returncode == 0, done.stderr
   (first,) = _results(out)
-  # Mode from the umask (0666 & ~022), not mkstemp's 0600.
-  assert stat.S_IMODE(first.stat().st_mode) == 0o644
+  # Mode from the umask (0666 & ~027), not mkstemp's 0600.
+  assert stat.S_IMODE(first.stat().st_mode) == 0o640
   stored = json.loads(first.read_text())
   assert stored['config']['rho'] == 0.99 and stored['config']['eps1'] == 0.01
   assert stored['group'] in first.name
