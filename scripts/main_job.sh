@@ -19,3 +19,4 @@ if [ "$status" -ne 0 ]; then
 fi
 rm -rf "$out"
 mv "$new" "$out"
+echo "results (JSON, figure) in $out/"
