@@ -6,7 +6,6 @@ optional dependencies. The CLI tests run the real command in a subprocess
 on the offline digits (a few examples) or on small fixtures.
 """
 
-import gzip
 import hashlib
 import json
 import os
@@ -144,7 +143,7 @@ def test_plot_separates_learning_rates_and_epochs(one_result, tmp_path):
   png = tmp_path / 'lr.png'
   done = _cli_run('plot', runs, '-o', png)
   assert done.returncode == 0, done.stderr
-  rows = [l for l in done.stdout.splitlines() if l.startswith('fc ')]
+  rows = [r for r in done.stdout.splitlines() if r.startswith('fc ')]
   assert len(rows) == 2, done.stdout  # One row per learning rate.
   assert {r.split()[4] for r in rows} == {'0.01', '0.5'}
   assert all(' 2 ' in r for r in rows)  # Two seeds each, never four.
@@ -181,15 +180,16 @@ def test_plot_of_real_runs(tmp_path):
   assert done.returncode == 0, done.stderr
   done = _cli_run('plot', out, '-o', tmp_path / 'b.png')
   assert done.returncode == 0, done.stderr
-  rows = [l for l in done.stdout.splitlines() if l.startswith('fc ')]
+  rows = [r for r in done.stdout.splitlines() if r.startswith('fc ')]
   assert [r.split()[4:6] for r in rows] == [['0.05', '2'], ['0.5', '2']]
 
 
 def test_plot_shows_one_epoch_runs(one_result, tmp_path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
-  from bnp_optax.experiments import _plot  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  from bnp_optax.experiments import _plot  # pylint: disable=g-import-not-at-top
   captured = {}
   original = plt.close
 

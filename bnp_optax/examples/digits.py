@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import bnp_optax
+
 # The paper's network, loss and data loader, shared with the experiment
 # harness (one definition of each).
 from bnp_optax.experiments._models import cross_entropy

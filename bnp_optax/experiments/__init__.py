@@ -14,6 +14,7 @@ by the harness, the examples, the notebooks and the benchmarks.
 
 from bnp_optax.experiments._batch_renorm import BatchRenorm
 from bnp_optax.experiments._cli import main
+from bnp_optax.experiments._config import Options
 from bnp_optax.experiments._data import DataError
 from bnp_optax.experiments._data import Dataset
 from bnp_optax.experiments._data import load as load_dataset
@@ -27,7 +28,6 @@ from bnp_optax.experiments._models import make_model
 from bnp_optax.experiments._models import ResNet
 from bnp_optax.experiments._plot import load_results
 from bnp_optax.experiments._plot import plot
-from bnp_optax.experiments._config import Options
 from bnp_optax.experiments._train import check_result
 from bnp_optax.experiments._train import RunConfig
 from bnp_optax.experiments._train import train

@@ -393,7 +393,7 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
       except ResultExists:
         raise UsageError(
             f'{p.path} was written by another process meanwhile; it was '
-            'kept and this run\'s result discarded') from None
+            "kept and this run's result discarded") from None
       print(f'   wrote {p.path}', flush=True)
       if p.checkpoint is not None:
         shutil.rmtree(p.checkpoint, ignore_errors=True)

@@ -125,7 +125,7 @@ class RunConfig:
   rho: float = _field(_core.DEFAULT_RHO, "BNP's running-average rate",
                       check=_unit_interval)
   conditioning_every: int = _field(
-      0, 'Figure 8: condition numbers of the output neuron\'s Hessian every '
+      0, "Figure 8: condition numbers of the output neuron's Hessian every "
       'k steps (BNP methods, fc models); 0: off', check=_at_least(0))
 
   def resolved_learning_rate(self) -> tuple[float, str]:

@@ -397,9 +397,9 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
         x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
         y = np.concatenate([y, np.zeros(pad, y.dtype)])
         w = np.concatenate([w, np.zeros(pad, np.float32)])
-      c, l = eval_fn(state, x, y, w)
+      c, loss_sum = eval_fn(state, x, y, w)
       correct += float(c)
-      total_loss += float(l)
+      total_loss += float(loss_sum)
     n = len(ds.x_test)
     return correct / n, total_loss / n
 
