@@ -37,10 +37,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_models  # noqa: E402
-import bnp_optax  # noqa: E402
-import bnp_optax.linen  # noqa: E402
-import bnp_optax.tracing  # noqa: E402
+import bench_models
+import bnp_optax
+import bnp_optax.linen
+import bnp_optax.tracing
 
 CASES = {
     'fc60': (bench_models.FC, (784,), 60),
@@ -128,7 +128,7 @@ def run_case(name, *, steps, warmup, compile_reps, seed=0):
         'lower_s': pystats.median(lower_s[v]),
         'compile_s': pystats.median(compile_s[v]),
         # 1: traced once, no retrace per step.
-        'jit_cache_size': jitted[v]._cache_size(),  # noqa: SLF001
+        'jit_cache_size': jitted[v]._cache_size(),
     }
   result['tracing/linen'] = {
       'step': paired(times['tracing'], times['linen']),

@@ -274,7 +274,8 @@ def test_figure8_script_runs(tmp_path):
   out = tmp_path / 'figure8.npz'
   result = subprocess.run(
       [sys.executable, str(script), '--data-dir', str(tmp_path),
-       '--epochs', '1', '--out', str(out)],
+       '--epochs', '1', '--results', str(tmp_path / 'results'), '--out',
+       str(out)],
       capture_output=True, text=True, timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]

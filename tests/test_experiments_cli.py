@@ -31,12 +31,13 @@ def digits_runs(tmp_path_factory):
 
 def test_run_writes_one_json_per_run(digits_runs):
   files = sorted(digits_runs.glob('*.json'))
-  assert [f.name for f in files] == [
-      'fc-digits-bs10-bnp-lr0.05-sgd-e1-n120-seed0.json',
-      'fc-digits-bs10-bnp-lr0.05-sgd-e1-n120-seed1.json',
-      'fc-digits-bs10-vanilla-lr0.005-sgd-e1-n120-seed0.json',
-      'fc-digits-bs10-vanilla-lr0.005-sgd-e1-n120-seed1.json',
-  ]
+  expected = sorted(
+      _train.RunConfig(method=m, seed=s, epochs=1, evals_per_epoch=2,
+                       batch_size=10, train_subset=120,
+                       test_subset=60).run_name() + '.json'
+      for m in ('vanilla', 'bnp') for s in (0, 1))
+  assert [f.name for f in files] == expected
+  assert files[0].name.startswith('fc-digits-bs10-bnp-')
   for f in files:
     result = json.loads(f.read_text())
     _train.check_result(result)
@@ -62,7 +63,7 @@ def test_run_writes_one_json_per_run(digits_runs):
 def test_results_are_never_overwritten_silently(digits_runs, capsys):
   before = {f: f.read_text() for f in digits_runs.glob('*.json')}
   argv = ['run', '--methods', 'vanilla', '--epochs', '1', '--batch-size',
-          '10', '--out', str(digits_runs)] + _TINY
+          '10', '--evals-per-epoch', '2', '--out', str(digits_runs)] + _TINY
   status, _, err = _run(argv, capsys)
   assert status == 2 and '--overwrite' in err
   assert {f: f.read_text() for f in digits_runs.glob('*.json')} == before
@@ -111,7 +112,7 @@ def test_suite_runs_and_plots(tmp_path, capsys):
      'does not exist'),
     (['run', '--dataset', 'imagenet'], 'unknown dataset'),
     (['run', '--epochs', '0'], 'epochs must be >= 1'),
-    (['run', '--lr', '-1'], 'learning rate must be > 0'),
+    (['run', '--lr', '-1'], '--lr must be a finite number > 0'),
     (['suite', 'fig9'], 'unknown suite'),
 ])
 def test_bad_configurations_stop_before_training(argv, message, tmp_path,

@@ -39,8 +39,8 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
-from bnp_optax._src import layout
 from bnp_optax._src import layers as layers_lib
+from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 # Primitives that give a view of their operand: same elements, same order

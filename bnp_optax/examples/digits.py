@@ -14,7 +14,6 @@ Run it with::
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,44 +21,28 @@ import optax
 
 import bnp_optax
 
+# The paper's network, loss and data loader, shared with the experiment
+# harness (one definition of each).
+from bnp_optax.experiments._models import cross_entropy
+from bnp_optax.experiments._models import FullyConnected
 
-class FullyConnected(nn.Module):
-  """The paper's fully connected network: 3 x 100 hidden units, ReLU."""
-
-  hidden: tuple[int, ...] = (100, 100, 100)
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape((x.shape[0], -1))
-    dense = lambda n: nn.Dense(n, kernel_init=nn.initializers.glorot_uniform(),
-                               bias_init=nn.initializers.zeros)
-    for width in self.hidden:
-      x = nn.relu(dense(width)(x))
-    return dense(self.num_classes)(x)
+__all__ = ['FullyConnected', 'bnp_train_step', 'cross_entropy',
+           'load_digits', 'main', 'train']
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2):
-  """scikit-learn's digits, pixels scaled to [0, 1], split at random."""
+  """scikit-learn's digits, pixels scaled to [0, 1], split at random.
+
+  Returns:
+    ``((x_train, y_train), (x_test, y_test))``, images ``(n, 8, 8, 1)``.
+  """
+  from bnp_optax.experiments import _data  # pylint: disable=g-import-not-at-top
   try:
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise SystemExit(
-        'This example needs scikit-learn for its bundled digits dataset: '
-        "pip install 'bnp_optax[examples]'"
-    ) from e
-  digits = datasets.load_digits()
-  x = digits.images.astype(np.float32) / 16.0
-  y = digits.target.astype(np.int32)
-  order = np.random.default_rng(seed).permutation(len(x))
-  n_test = int(len(x) * test_fraction)
-  test, train = order[:n_test], order[n_test:]
-  return (x[train], y[train]), (x[test], y[test])
-
-
-def cross_entropy(logits, labels):
-  return jnp.mean(
-      optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    ds = _data.load_digits(test_fraction, seed=seed)
+  except _data.DataError as e:
+    raise SystemExit(str(e)) from e
+  scale = lambda x: x.astype(np.float32) / 255.0
+  return (scale(ds.x_train), ds.y_train), (scale(ds.x_test), ds.y_test)
 
 
 def bnp_train_step(model, tx):

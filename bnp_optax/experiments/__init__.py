@@ -6,17 +6,26 @@ comparisons at a chosen scale), ``plot`` (a figure from run JSON files) and
 ``list`` (methods, models, suites, the paper's learning rates). Needs the
 ``experiments`` extra: ``pip install 'bnp_optax[experiments]'``.
 
-The pieces are importable for scripts and notebooks.
+The pieces are importable for scripts and notebooks: the paper's networks
+(:class:`FullyConnected`, :class:`CNN5`, :class:`ResNet`), its loss
+(:func:`cross_entropy`) and the data loaders are defined here once and used
+by the harness, the examples, the notebooks and the benchmarks.
 """
 
 from bnp_optax.experiments._batch_renorm import BatchRenorm
 from bnp_optax.experiments._cli import main
+from bnp_optax.experiments._config import Options
 from bnp_optax.experiments._data import DataError
 from bnp_optax.experiments._data import Dataset
 from bnp_optax.experiments._data import load as load_dataset
+from bnp_optax.experiments._data import load_digits
 from bnp_optax.experiments._methods import default_learning_rate
 from bnp_optax.experiments._methods import METHODS
+from bnp_optax.experiments._models import CNN5
+from bnp_optax.experiments._models import cross_entropy
+from bnp_optax.experiments._models import FullyConnected
 from bnp_optax.experiments._models import make_model
+from bnp_optax.experiments._models import ResNet
 from bnp_optax.experiments._plot import load_results
 from bnp_optax.experiments._plot import plot
 from bnp_optax.experiments._train import check_result
@@ -25,13 +34,19 @@ from bnp_optax.experiments._train import train
 
 __all__ = [
     'BatchRenorm',
+    'CNN5',
     'DataError',
     'Dataset',
+    'FullyConnected',
     'METHODS',
+    'Options',
+    'ResNet',
     'RunConfig',
     'check_result',
+    'cross_entropy',
     'default_learning_rate',
     'load_dataset',
+    'load_digits',
     'load_results',
     'main',
     'make_model',

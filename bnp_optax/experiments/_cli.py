@@ -1,13 +1,28 @@
-"""Command line: ``python -m bnp_optax.experiments {run,suite,plot,list}``."""
+"""Command line: ``python -m bnp_optax.experiments {run,suite,plot,list}``.
+
+Every check runs before the first training step: the configuration's ranges
+(:mod:`_config`), the data, the output location, existing results and the
+locks of the runs to write. A user error prints ``error: ...`` and exits
+with status 2, having written nothing. SIGINT and SIGTERM stop training at
+the next step boundary: finished runs stay saved, the interrupted one leaves
+only its last checkpoint (if it takes them), and the exit status is 130 or
+143.
+"""
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
+import shutil
+import signal
+import socket
 import sys
-import tempfile
 import time
+import uuid
 
+from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
@@ -20,151 +35,295 @@ class UsageError(Exception):
   """A bad configuration, reported before any training starts."""
 
 
-def _int_list(text: str) -> list[int]:
+class _Signals:
+  """SIGINT/SIGTERM set a flag that training checks between steps.
+
+  A signal that raises KeyboardInterrupt inside XLA's or tqdm's threads, or
+  halfway through a compiled call, made the interpreter crash at exit
+  (segfaults); with a flag, the compiled call finishes and the process
+  exits normally. A second signal restores the default action and kills.
+  """
+
+  def __init__(self):
+    self.received = 0
+    self._previous = {}
+
+  def __enter__(self):
+    for s in (signal.SIGINT, signal.SIGTERM):
+      self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.received = signum
+    print(f'\n{signal.Signals(signum).name}: stopping at the next step '
+          'boundary (send it again to kill now)', file=sys.stderr,
+          flush=True)
+
+  def __call__(self) -> int:
+    return self.received
+
+  def check(self):
+    if self.received:
+      raise _train.Interrupted(self.received)
+
+
+_PACKAGES = {'orbax.checkpoint': 'orbax-checkpoint', 'sklearn': 'scikit-learn'}
+
+
+def _check_deps(module: str, purpose: str) -> None:
+  """Names the extra to install when an optional dependency is missing."""
   try:
-    return [int(v) for v in text.split(',') if v.strip()]
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(f'expected integers, got {text!r}') from e
+    found = importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    found = False
+  if not found:
+    raise UsageError(str(_train.MissingDependency(
+        _PACKAGES.get(module, module), purpose)))
 
 
-def _seeds(text: str) -> list[int]:
-  """``'0,1,2'`` or ``'3x'`` (three seeds from 0)."""
-  if text.endswith('x'):
-    return list(range(int(text[:-1])))
-  return _int_list(text)
+def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
+  path = path.absolute()
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  return path
 
 
-def _str_list(text: str) -> list[str]:
-  return [v.strip() for v in text.split(',') if v.strip()]
+def _check_writable_dir(path: pathlib.Path, what: str) -> None:
+  """A directory that exists and takes files, or can be created."""
+  if path.exists() and not path.is_dir():
+    raise UsageError(f'{what} {path} is a file, not a directory')
+  base = _nearest_existing(path)
+  if not base.is_dir():
+    raise UsageError(f'{what} {path} cannot be created: {base} is a file')
+  # A probe, not os.access: root passes os.access on read-only mounts.
+  probe = base / f'.bnp-probe-{uuid.uuid4().hex}'
+  try:
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f'{what} {path} is not writable: cannot create files '
+                     f'in {base} ({e.strerror})') from None
+  if shutil.disk_usage(base).free < (16 << 20):
+    raise UsageError(f'{what} {path}: the file system of {base} is full')
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, suite: bool) -> None:
-  g = p.add_argument_group('training')
-  if not suite:
-    g.add_argument('--model', default='fc', choices=_models.MODELS)
-    g.add_argument('--dataset', default='digits',
-                   help=f'one of {", ".join(_data.DATASETS)} (default '
-                   'digits: offline, bundled with scikit-learn)')
-    g.add_argument('--methods', type=_str_list, default=None,
-                   help='comma-separated, from: ' +
-                   ', '.join(_methods.METHODS) + ' (default vanilla,bn,bnp)')
-    g.add_argument('--batch-size', type=int, default=60)
-  else:
-    g.add_argument('--methods', type=_str_list, default=None,
-                   help="only these of the suite's methods")
-  g.add_argument('--epochs', type=int, default=None if suite else 3)
-  g.add_argument('--seeds', type=_seeds, default=[0],
-                 help="comma-separated seeds, or e.g. '3x' for 0,1,2")
-  g.add_argument('--lr', type=float, default=None,
-                 help="learning rate for every method (default: the paper's "
-                 'Tables 2 and 3, see `list`)')
-  g.add_argument('--optimizer', choices=_train.OPTIMIZERS, default=None)
-  g.add_argument('--momentum', type=float, default=None)
-  g.add_argument('--weight-decay', type=float, default=None)
-  g.add_argument('--warmup-steps', type=int, default=None)
-  g.add_argument('--lr-decay-epochs', type=_int_list, default=None)
-  g.add_argument('--augment', action=argparse.BooleanOptionalAction,
-                 default=None)
-  g.add_argument('--train-subset', type=int, default=None,
-                 help='train on this many examples (random, same for all runs)')
-  g.add_argument('--test-subset', type=int, default=None,
-                 help='evaluate on this many test examples')
-  g.add_argument('--evals-per-epoch', type=int, default=None)
-  g.add_argument('--steps-per-call', type=int, default=None,
-                 help='training steps per compiled call (default: about 1024 '
-                 'examples per call)')
-  g.add_argument('--resnet-blocks', type=int, default=None,
-                 help='blocks per stage of the CIFAR ResNets (default 18)')
-  g.add_argument('--init-scale', type=float, default=None)
-  g.add_argument('--eps1', type=float, default=None)
-  g.add_argument('--eps2', type=float, default=None)
-  g.add_argument('--rho', type=float, default=None)
-  d = p.add_argument_group('data and output')
-  d.add_argument('--data-dir', default=None,
-                 help='directory holding the dataset (or DIR/<dataset>)')
-  d.add_argument('--download', action='store_true',
-                 help='download missing data (with MD5 check) into the '
-                 'cache directory, or --data-dir when given')
-  d.add_argument('--cache-dir', default=None,
-                 help='download cache (default $BNP_OPTAX_DATA or '
-                 '~/.cache/bnp_optax)')
-  d.add_argument('--out', default='results',
-                 help='directory for the run JSON files (default results/)')
-  ex = d.add_mutually_exclusive_group()
-  ex.add_argument('--overwrite', action='store_true',
-                  help='replace result files that exist')
-  ex.add_argument('--skip-existing', action='store_true',
-                  help='keep result files that exist and skip those runs')
-  d.add_argument('--no-progress', action='store_true',
-                 help='no progress bar (one line per evaluation instead)')
-  d.add_argument('--plot', default=None, metavar='PNG',
-                 help='also write the figure of these runs to PNG')
+def _check_output_file(path: pathlib.Path, what: str) -> None:
+  if path.is_dir():
+    raise UsageError(f'{what} {path} is a directory, not a file')
+  _check_writable_dir(path.parent, f'the directory of {what}')
 
 
-_OVERRIDES = ('optimizer', 'momentum', 'weight_decay', 'warmup_steps',
-              'lr_decay_epochs', 'augment', 'train_subset', 'test_subset',
-              'evals_per_epoch', 'steps_per_call', 'resnet_blocks',
-              'init_scale', 'eps1', 'eps2', 'rho')
+class _Lock:
+  """An exclusive lock on one run's result, held while it trains."""
 
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self.held = False
 
-def _configs(args, *, model, dataset, batch_size, methods, epochs,
-             settings=None, method_settings=None):
-  configs = []
-  for method in methods:
-    if method not in _methods.METHODS:
-      raise UsageError(f'unknown method {method!r}; expected one of '
-                       f'{", ".join(_methods.METHODS)}')
-    base = dict(settings or {})
-    base.update((method_settings or {}).get(method, {}))
-    for field in _OVERRIDES:
-      value = getattr(args, field)
-      if value is not None:
-        base[field] = tuple(value) if field == 'lr_decay_epochs' else value
-    for seed in args.seeds:
-      config = _train.RunConfig(
-          model=model, dataset=dataset, method=method, batch_size=batch_size,
-          epochs=epochs, seed=seed, learning_rate=args.lr, **base)
+  def acquire(self):
+    for _ in range(2):
       try:
-        _train.validate(config)
-      except ValueError as e:
-        raise UsageError(str(e)) from e
-      configs.append(config)
-  if not configs:
-    raise UsageError('no runs: empty --methods or --seeds')
-  return configs
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        owner = self._owner()
+        if owner is None:  # Its process is gone: a stale lock.
+          self.path.unlink(missing_ok=True)
+          continue
+        raise UsageError(
+            f'another process ({owner}) is writing the run of '
+            f'{self.path.name[1:-5]} into {self.path.parent}; wait for it to '
+            f'finish (or remove {self.path} if it is gone)') from None
+      with os.fdopen(fd, 'w') as f:
+        f.write(f'{socket.gethostname()} {os.getpid()}\n')
+      self.held = True
+      return
+    raise UsageError(f'cannot take the lock {self.path}')
+
+  def _owner(self):
+    try:
+      host, pid = self.path.read_text().split()
+      pid = int(pid)
+    except (OSError, ValueError):
+      return 'unknown process'  # Being written right now, or not ours.
+    if host != socket.gethostname():
+      return f'pid {pid} on {host}'
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return None
+    except PermissionError:
+      pass
+    return f'pid {pid}'
+
+  def release(self):
+    if self.held:
+      self.path.unlink(missing_ok=True)
+      self.held = False
 
 
-def _write_json(path: pathlib.Path, result: dict) -> None:
-  """Writes atomically (temporary file, then rename)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name)
+class ResultExists(Exception):
+  """The result appeared while this run trained (another writer)."""
+
+
+def write_json(path: pathlib.Path, result: dict, *, replace: bool) -> None:
+  """Writes ``result`` atomically, and exclusively unless ``replace``.
+
+  The JSON goes to a temporary file in the same directory, created with
+  mode 0666 less the umask, then becomes ``path`` in one step: a hard link
+  that fails if ``path`` exists (or a rename with ``replace``), so readers
+  never see half a file and no existing result is replaced silently.
+
+  Args:
+    path: the result file.
+    result: the JSON object.
+    replace: replace an existing ``path``.
+
+  Raises:
+    ResultExists: ``path`` exists and ``replace`` is false.
+  """
+  tmp = path.parent / f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp'
+  fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(result, f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+      f.flush()
+      os.fsync(f.fileno())
+    if replace:
+      os.replace(tmp, path)
+    else:
+      try:
+        os.link(tmp, path)
+      except FileExistsError:
+        raise ResultExists(str(path)) from None
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    tmp.unlink(missing_ok=True)
 
 
-def execute(configs, args, out_dir: pathlib.Path, *, plot_path=None,
-            title=None) -> list[dict]:
-  """Checks everything, then trains ``configs`` and writes their JSONs."""
-  paths = [out_dir / f'{c.run_name()}.json' for c in configs]
-  if len(set(paths)) != len(paths):
-    raise UsageError('two runs would write the same file (repeated seed or '
-                     'method?)')
-  existing = [p for p in paths if p.exists()]
-  if existing and not (args.overwrite or args.skip_existing):
-    raise UsageError(
-        f'{len(existing)} result file(s) exist, e.g. {existing[0]}; pass '
-        '--overwrite to replace them or --skip-existing to keep them')
-  dataset = configs[0].dataset
+@dataclasses.dataclass
+class _Planned:
+  config: _config.RunConfig
+  path: pathlib.Path
+  action: str  # 'train', 'keep' or 'replace'
+  checkpoint: pathlib.Path | None
+  resume: bool = False
+
+
+def _configs(args, *, fixed, settings=None, method_settings=None,
+             methods=None):
+  """One RunConfig per method and seed; each checked."""
+  methods = args.method or methods
+  seeds = args.seed if args.seed is not None else [0]
+  if not methods or not seeds:
+    raise UsageError('no runs: empty --methods or --seeds')
+  configs = []
+  for method in methods:
+    base = dict(settings or {})
+    base.update((method_settings or {}).get(method, {}))
+    for seed in seeds:
+      try:
+        config = _config.from_args(_config.RunConfig, args, base,
+                                   method=method, seed=seed, **fixed)
+        _config.check(config)
+      except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+      configs.append(config)
+  return configs
+
+
+def _options(args) -> _config.Options:
+  options = _config.from_args(_config.Options, args)
   try:
-    ds = _data.load(dataset, args.data_dir, download=args.download,
-                    cache_dir=args.cache_dir)
+    _config.check(options)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  return options
+
+
+def _wants_checkpoints(config, options) -> bool:
+  if options.checkpoint == 'auto':
+    return not config.model.startswith('fc')
+  return options.checkpoint == 'always'
+
+
+def _plan(configs, options, out_dir: pathlib.Path, plot_path):
+  """Checks everything that can be checked without training."""
+  names = [c.run_name() for c in configs]
+  if len(set(names)) != len(names):
+    dup = next(n for n in names if names.count(n) > 1)
+    raise UsageError(f'the run {dup} is planned twice (repeated seed or '
+                     'method?)')
+  if len({c.dataset for c in configs}) != 1:
+    raise UsageError('one dataset per command')
+  _check_writable_dir(out_dir, '--out')
+  if plot_path is not None:
+    _check_output_file(pathlib.Path(plot_path), '--plot')
+    _check_deps('matplotlib', 'the figure (--plot, plot)')
+  if configs[0].dataset == 'digits':
+    _check_deps('sklearn', "the offline 'digits' dataset")
+  if options.progress and sys.stdout.isatty():
+    _check_deps('tqdm', 'the progress bar (or pass --no-progress)')
+  planned = []
+  for config, name in zip(configs, names):
+    path = out_dir / f'{name}.json'
+    ckpt = (out_dir / '.checkpoints' / name
+            if _wants_checkpoints(config, options) else None)
+    if ckpt is not None:
+      _check_deps('orbax.checkpoint', 'checkpointing (or pass '
+                  '--checkpoint never)')
+    action = 'train'
+    if path.exists():
+      if not path.is_file():
+        raise UsageError(f'{path} exists and is not a file')
+      if options.overwrite:
+        action = 'replace'
+      elif options.skip_existing or options.resume:
+        _check_same_config(path, config)
+        action = 'keep'
+      else:
+        raise UsageError(
+            f'the result of this configuration exists: {path}; pass '
+            '--overwrite to replace it or --skip-existing to keep it')
+    resume = False
+    if action != 'keep' and ckpt is not None and ckpt.exists():
+      if options.resume:
+        resume = True
+      elif not options.overwrite:
+        raise UsageError(
+            f'an interrupted run left its checkpoint in {ckpt}; pass '
+            '--resume to continue it or --overwrite to start it again')
+    planned.append(_Planned(config, path, action, ckpt, resume))
+  return planned
+
+
+def _check_same_config(path, config):
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    _train.check_result(stored)
+  except (OSError, ValueError) as e:
+    raise UsageError(f'{path}: not a readable run result ({e}); pass '
+                     '--overwrite to replace it') from None
+  if _config.identity_of(stored['config']) != _config.canonical(config):
+    raise UsageError(f'{path} holds another configuration than its name '
+                     'says; pass --overwrite to replace it')
+
+
+def _load_data(configs, options):
+  try:
+    ds = _data.load(configs[0].dataset, options.data_dir,
+                    download=options.download, cache_dir=options.cache_dir)
   except _data.DataError as e:
-    raise UsageError(str(e)) from e
+    raise UsageError(str(e)) from None
   prepared = {}
   for c in configs:
     key = (c.train_subset, c.test_subset)
@@ -172,114 +331,213 @@ def execute(configs, args, out_dir: pathlib.Path, *, plot_path=None,
       try:
         prepared[key] = _train.prepare_data(c, ds)
       except (ValueError, _data.DataError) as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(str(e)) from None
+    try:
+      _train.prepare_data(c, prepared[key])  # Batch vs data, evaluations.
+    except (ValueError, _data.DataError) as e:
+      raise UsageError(str(e)) from None
+  return prepared
+
+
+def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
+            signals, plot_path=None, title=None) -> list[dict]:
+  """Checks everything, then trains ``configs`` and writes their JSONs."""
+  planned = _plan(configs, options, out_dir, plot_path)
+  prepared = _load_data(configs, options)
+  signals.check()
   first = prepared[(configs[0].train_subset, configs[0].test_subset)]
-  print(f'{dataset}: {len(first.x_train)} train / {len(first.x_test)} test '
-        f'from {first.source}; {len(configs)} run(s) -> {out_dir}',
-        flush=True)
-  results = []
-  for config, path in zip(configs, paths):
-    if path.exists() and args.skip_existing:
-      with open(path) as f:
-        results.append(json.load(f))
-      print(f'kept {path}')
-      continue
-    lr, source = config.resolved_learning_rate()
-    print(f'-- {config.model} {config.dataset} bs{config.batch_size} '
-          f'{config.method} seed {config.seed}: lr {lr:g} ({source})',
-          flush=True)
-    result = _train.train(
-        config, prepared[(config.train_subset, config.test_subset)],
-        progress=not args.no_progress)
-    t = result['timing']
-    print(f'   done in {t["total_s"]:.1f}s (compile {t["compile_s"]:.1f}s, '
-          f'per step: data {t["data_us_per_step"]:.0f}us, compiled step '
-          f'{t["step_us_per_step"]:.0f}us; eval {t["eval_s"]:.1f}s)',
-          flush=True)
-    _write_json(path, result)
-    results.append(result)
+  created = not out_dir.exists()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  locks = [_Lock(out_dir / f'.{p.path.stem}.lock') for p in planned
+           if p.action != 'keep']
+  try:
+    try:
+      for lock in locks:
+        lock.acquire()
+    except UsageError:
+      for lock in locks:
+        lock.release()
+      if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+      raise
+    print(f'{configs[0].dataset}: {len(first.x_train)} train / '
+          f'{len(first.x_test)} test from {first.source}; {len(configs)} '
+          f'run(s) -> {out_dir}', flush=True)
+    progress = options.progress and sys.stdout.isatty()
+    results = []
+    for p in planned:
+      signals.check()
+      config = p.config
+      if p.action == 'keep':
+        with open(p.path) as f:
+          results.append(json.load(f))
+        print(f'kept {p.path}')
+        continue
+      lr, source = config.resolved_learning_rate()
+      print(f'-- {config.model} {config.dataset} bs{config.batch_size} '
+            f'{config.method} seed {config.seed}: lr {lr:g} ({source})',
+            flush=True)
+      if p.checkpoint is not None and not p.resume:
+        shutil.rmtree(p.checkpoint, ignore_errors=True)
+      result = _train.train(
+          config, prepared[(config.train_subset, config.test_subset)],
+          progress=progress, stop=signals, checkpoint_dir=p.checkpoint,
+          resume=p.resume)
+      t = result['timing']
+      print(f'   done in {t["total_s"]:.1f}s (compile {t["compile_s"]:.1f}s, '
+            f'per step: data {t["data_us_per_step"]:.0f}us, compiled step '
+            f'{t["step_us_per_step"]:.0f}us; eval {t["eval_s"]:.1f}s)',
+            flush=True)
+      try:
+        write_json(p.path, result, replace=p.action == 'replace')
+      except ResultExists:
+        raise UsageError(
+            f'{p.path} was written by another process meanwhile; it was '
+            "kept and this run's result discarded") from None
+      print(f'   wrote {p.path}', flush=True)
+      if p.checkpoint is not None:
+        shutil.rmtree(p.checkpoint, ignore_errors=True)
+        try:
+          p.checkpoint.parent.rmdir()  # Only when no other run has one.
+        except OSError:
+          pass
+      results.append(result)
+  finally:
+    for lock in locks:
+      lock.release()
   print()
   print(_plot.summary_table(results))
   if plot_path:
     print(f'figure: {_plot.plot(results, plot_path, title=title)}')
+  for result in results:
+    if result.get('conditioning'):  # Figure 8.
+      print()
+      print(_plot.conditioning_summary(result))
+      if plot_path:
+        path = pathlib.Path(plot_path)
+        path = path.with_name(f'{path.stem}-conditioning-'
+                              f'{result["name"]}.png')
+        print(f'figure: {_plot.plot_conditioning(result, path)}')
   return results
 
 
-def _cmd_run(args):
-  methods = args.methods or ['vanilla', 'bn', 'bnp']
-  if args.dataset not in _data.DATASETS:
-    raise UsageError(f'unknown dataset {args.dataset!r}; expected one of '
-                     f'{", ".join(_data.DATASETS)}')
-  configs = _configs(args, model=args.model, dataset=args.dataset,
-                     batch_size=args.batch_size, methods=methods,
-                     epochs=args.epochs)
-  execute(configs, args, pathlib.Path(args.out), plot_path=args.plot)
+def _cmd_run(args, signals):
+  options = _options(args)
+  configs = _configs(args, fixed={}, methods=['vanilla', 'bn', 'bnp'])
+  execute(configs, options, pathlib.Path(options.out), signals=signals,
+          plot_path=options.plot)
 
 
-def _cmd_suite(args):
+def _cmd_suite(args, signals):
   if args.name not in _suites.SUITES:
     raise UsageError(f'unknown suite {args.name!r}; expected one of '
                      f'{", ".join(_suites.SUITES)}')
   suite = _suites.SUITES[args.name]
-  methods = args.methods or list(suite.methods)
-  unknown = [m for m in methods if m not in suite.methods]
+  unknown = [m for m in (args.method or []) if m not in suite.methods]
   if unknown:
     raise UsageError(f'suite {suite.name} has no method(s) {unknown}; it '
                      f'compares {", ".join(suite.methods)}')
+  options = _options(args)
   configs = _configs(
-      args, model=suite.model, dataset=suite.dataset,
-      batch_size=suite.batch_size, methods=methods,
-      epochs=args.epochs or suite.epochs, settings=suite.settings,
-      method_settings=suite.method_settings)
-  out = pathlib.Path(args.out) / suite.name
-  plot_path = args.plot or out / f'{suite.name}.png'
-  execute(configs, args, out, plot_path=plot_path,
+      args, fixed=dict(model=suite.model, dataset=suite.dataset,
+                       batch_size=suite.batch_size),
+      settings=dict(suite.settings, epochs=suite.epochs),
+      method_settings=suite.method_settings, methods=list(suite.methods))
+  out = pathlib.Path(options.out) / suite.name
+  plot_path = options.plot or out / f'{suite.name}.png'
+  execute(configs, options, out, signals=signals, plot_path=plot_path,
           title=f'{suite.name}: {suite.figure}')
 
 
-def _cmd_plot(args):
+def _cmd_plot(args, signals):
+  del signals
+  _check_output_file(pathlib.Path(args.output), '-o/--output')
+  _check_deps('matplotlib', 'plot')
   try:
     results = _plot.load_results(args.paths)
+    table = _plot.summary_table(results)
   except (ValueError, FileNotFoundError) as e:
-    raise UsageError(str(e)) from e
-  print(_plot.summary_table(results))
+    raise UsageError(str(e)) from None
+  print(table)
   print(f'figure: {_plot.plot(results, args.output, title=args.title)}')
 
 
-def _cmd_list(args):
-  del args
+def _cmd_list(args, signals):
+  del args, signals
   print('methods:')
   for m in _methods.METHODS.values():
     print(f'  {m.name:<8} {m.label:<10} norm={m.norm:<7} bnp={m.bnp}')
   print('models:   ' + ', '.join(_models.MODELS))
   print('datasets: ' + ', '.join(_data.DATASETS))
-  print("suites (python -m bnp_optax.experiments suite NAME):")
+  print('suites (python -m bnp_optax.experiments suite NAME):')
   for s in _suites.SUITES.values():
     print(f'  {s.name:<15} {s.figure}: {s.model} {s.dataset} bs '
           f'{s.batch_size}, {",".join(s.methods)}, {s.epochs} epochs')
+    if s.settings:
+      print('      settings: ' + ', '.join(
+          f'{k}={v}' for k, v in s.settings.items()))
+    for method, settings in s.method_settings.items():
+      print(f'      {method}: ' + ', '.join(
+          f'{k}={v}' for k, v in settings.items()))
   print("the paper's learning rates (Tables 2 and 3):")
   for (model, dataset, bs), lrs in _methods.LEARNING_RATES.items():
     rates = ', '.join(f'{k} {v:g}' for k, v in lrs.items())
     print(f'  {model:<17} {dataset:<9} bs {bs:<4} {rates}')
 
 
+_IDENTITY_NOTE = (
+    'Each run is identified by its full configuration (every training '
+    'flag): the result file is named MODEL-DATASET-bsN-METHOD-HASH-seedS.json '
+    'with HASH a short hash of the configuration without the seed, and the '
+    'JSON holds the configuration. --skip-existing and --overwrite act only '
+    'on runs of the identical configuration.')
+
+_PLOT_NOTE = (
+    'Runs are grouped by their full configuration except the seed: one '
+    'curve per configuration (mean over seeds, the shaded band spanning the '
+    'min and max), configurations that differ in anything besides the '
+    'method show the differing fields in the legend; two results of one '
+    'configuration with the same seed are an error. One panel per model, '
+    'dataset and batch size.')
+
+
 def build_parser() -> argparse.ArgumentParser:
+  """The parser, its training and output flags derived from _config."""
   parser = argparse.ArgumentParser(
       prog='python -m bnp_optax.experiments',
       description="Reproduce the BNP paper's experiments (Section 5): train, "
-      'compare methods over seeds, write JSON results and figures.')
+      'compare methods over seeds, write JSON results and figures. '
+      + _IDENTITY_NOTE)
   sub = parser.add_subparsers(dest='command', required=True)
-  p = sub.add_parser('run', help='train methods x seeds on one setting')
-  _add_training_args(p, suite=False)
+  p = sub.add_parser('run', help='train methods x seeds on one setting',
+                     description=_IDENTITY_NOTE)
+  _config.add_arguments(p.add_argument_group('training (the run identity)'),
+                        _config.RunConfig, defaults=dict(
+                            method='vanilla,bn,bnp'))
+  _config.add_arguments(p.add_argument_group('data and output'),
+                        _config.Options)
   p.set_defaults(func=_cmd_run)
-  p = sub.add_parser('suite', help="run one of the paper's comparisons")
-  p.add_argument('name', help='suite name (see `list`)')
-  _add_training_args(p, suite=True)
+  p = sub.add_parser('suite', help="run one of the paper's comparisons",
+                     description="One of the paper's comparisons; its model, "
+                     'dataset, batch size and settings are fixed, the other '
+                     'flags change them. ' + _IDENTITY_NOTE)
+  p.add_argument('name', metavar='NAME',
+                 help='suite name: ' + ', '.join(_suites.SUITES))
+  _config.add_arguments(
+      p.add_argument_group('training (the run identity; defaults: the '
+                           "suite's settings (see `list`), else as shown)"),
+      _config.RunConfig,
+      exclude=('model', 'dataset', 'batch_size'),
+      defaults=dict(method="the suite's", epochs="the suite's"))
+  _config.add_arguments(p.add_argument_group('data and output'),
+                        _config.Options)
   p.set_defaults(func=_cmd_suite)
-  p = sub.add_parser('plot', help='figure (PNG) from run JSON files')
-  p.add_argument('paths', nargs='+', help='JSON files or directories')
+  p = sub.add_parser('plot', help='figure (PNG) from run JSON files',
+                     description=_PLOT_NOTE)
+  p.add_argument('paths', nargs='+', help='JSON files or directories '
+                 '(searched recursively)')
   p.add_argument('-o', '--output', required=True, help='PNG to write')
-  p.add_argument('--title', default=None)
+  p.add_argument('--title', default=None, help='figure title (default: none)')
   p.set_defaults(func=_cmd_plot)
   p = sub.add_parser('list', help='methods, models, suites, learning rates')
   p.set_defaults(func=_cmd_list)
@@ -291,14 +549,20 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   start = time.perf_counter()
   try:
-    args.func(args)
+    with _Signals() as signals:
+      args.func(args, signals)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print('interrupted; finished runs are saved', file=sys.stderr)
-    return 130
+  except _train.MissingDependency as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except _train.Interrupted as e:
+    name = signal.Signals(e.signum).name
+    print(f'interrupted ({name}): finished runs are saved, the current run '
+          'is not (runs with checkpoints continue with --resume)',
+          file=sys.stderr)
+    return 128 + e.signum
   if args.command in ('run', 'suite'):
     print(f'total {time.perf_counter() - start:.1f}s')
   return 0
-

@@ -30,6 +30,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -127,18 +128,22 @@ def md5sum(path) -> str:
 
 
 def download_resource(resource: Resource, directory, *, timeout: float = 60.0,
-             quiet: bool = False) -> pathlib.Path:
+                      quiet: bool = False,
+                      replace: bool = False) -> pathlib.Path:
   """Downloads ``resource`` into ``directory`` and checks its MD5.
 
   The file is written under a temporary name and renamed only when its
   checksum matches, so a failed or corrupt download never leaves a file that
-  looks complete. An existing file with the right checksum is reused.
+  looks complete. An existing file with the right checksum is reused; one
+  with another checksum is reported, or with ``replace=True`` downloaded
+  again (and replaced only once the new copy checks out).
 
   Args:
     resource: what to fetch.
     directory: where to put it (created if needed).
     timeout: seconds per connection attempt.
     quiet: do not print progress.
+    replace: download again over a file that fails its checksum.
 
   Returns:
     The path of the verified file.
@@ -152,9 +157,12 @@ def download_resource(resource: Resource, directory, *, timeout: float = 60.0,
   if target.exists():
     if md5sum(target) == resource.md5:
       return target
-    raise DataError(
-        f'{target} exists but its MD5 is {md5sum(target)}, expected '
-        f'{resource.md5}; delete it to download it again.')
+    if not replace:
+      raise DataError(
+          f'{target} exists but its MD5 is {md5sum(target)}, expected '
+          f'{resource.md5}; delete it to download it again.')
+  for stale in directory.glob('.download-*'):
+    stale.unlink(missing_ok=True)  # Left by a killed download.
   errors = []
   for url in resource.urls:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.download-')
@@ -195,8 +203,9 @@ def read_idx(path) -> np.ndarray:
   try:
     with opener(path, 'rb') as f:
       data = f.read()
-  except (OSError, EOFError) as e:
-    raise DataError(f'{path}: cannot read ({e})') from e
+  except (OSError, EOFError, zlib.error) as e:
+    # gzip raises zlib.error, not OSError, for some corrupt streams.
+    raise DataError(f'{path}: cannot read or decompress ({e})') from e
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
     raise DataError(f'{path}: not an IDX file (bad magic number)')
   dtype = _IDX_DTYPES.get(data[2])
@@ -346,18 +355,30 @@ def _load_from(name: str, directory: pathlib.Path) -> Dataset | None:
   return found
 
 
-def load_digits(test_fraction: float = 0.2) -> Dataset:
-  """scikit-learn's bundled digits as 8x8x1 uint8 (0..255), split 80/20."""
+def load_digits(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
+  """scikit-learn's bundled digits as 8x8x1 uint8 (0..255), split 80/20.
+
+  Args:
+    test_fraction: the share of the test split.
+    seed: seed of the random split.
+
+  Returns:
+    The :class:`Dataset`.
+
+  Raises:
+    DataError: scikit-learn is not installed.
+  """
   try:
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise DataError(
         "the offline 'digits' dataset needs scikit-learn: "
-        "pip install 'bnp_optax[experiments]'") from e
+        "pip install 'bnp_optax[experiments]' (or 'bnp_optax[examples]')"
+    ) from e
   digits = datasets.load_digits()
   x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   y = digits.target.astype(np.int32)
-  order = np.random.default_rng(0).permutation(len(x))
+  order = np.random.default_rng(seed).permutation(len(x))
   n_test = int(len(x) * test_fraction)
   test, train = order[:n_test], order[n_test:]
   return Dataset('digits', x[train], y[train], x[test], y[test], 10,
@@ -395,25 +416,35 @@ def load(name: str, data_dir=None, *, download: bool = False,
   else:
     root = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
   candidates = (root, root / name)
+  if download:
+    for directory in candidates:
+      if directory.is_dir():
+        try:
+          found = _load_from(name, directory)
+        except DataError:
+          found = None  # Incomplete or corrupt: downloaded again below.
+        if found is not None:
+          return found
+    # Missing files are fetched and files failing their checksum replaced,
+    # so a download that failed half way never blocks the next one.
+    target = root / name
+    for resource in RESOURCES[name]:
+      download_resource(resource, target, quiet=quiet, replace=True)
+    found = _load_from(name, target)
+    if found is None:
+      raise DataError(f'{target}: downloaded files do not hold {name}')
+    return found
   for directory in candidates:
     if directory.is_dir():
       found = _load_from(name, directory)
       if found is not None:
         return found
-  if not download:
-    raise DataError(
-        f'{name} not found in {root} or {root / name} (looked for '
-        + ('the IDX files train-images-idx3-ubyte[.gz] etc.' if name == 'mnist'
-           else f'{name}_train.npz/{name}_test.npz, '
-           f'{_CIFAR_PY[name][0]}/ or {RESOURCES[name][0].filename}')
-        + '); pass --data-dir, or --download on a machine with network')
-  target = root / name
-  for resource in RESOURCES[name]:
-    download_resource(resource, target, quiet=quiet)
-  found = _load_from(name, target)
-  if found is None:
-    raise DataError(f'{target}: downloaded files do not hold {name}')
-  return found
+  raise DataError(
+      f'{name} not found in {root} or {root / name} (looked for '
+      + ('the IDX files train-images-idx3-ubyte[.gz] etc.' if name == 'mnist'
+         else f'{name}_train.npz/{name}_test.npz, '
+         f'{_CIFAR_PY[name][0]}/ or {RESOURCES[name][0].filename}')
+      + '); pass --data-dir, or --download on a machine with network')
 
 
 def subset(ds: Dataset, train: int | None = None, test: int | None = None,

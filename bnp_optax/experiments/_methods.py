@@ -105,4 +105,4 @@ def default_learning_rate(model: str, dataset: str, batch_size: int,
       elif (d, bs) != (dataset, batch_size):
         note += ' (nearest entry)'
       return lrs[name], note
-  return FALLBACK_LEARNING_RATE, 'default (not in the paper\'s tables)'
+  return FALLBACK_LEARNING_RATE, "default (not in the paper's tables)"

@@ -1,6 +1,7 @@
 """The paper's models (Section 5, Appendix B) in Flax linen.
 
-Every model takes ``(x, train)`` with ``x`` in NHWC and a normalisation
+Every model takes ``(x, train)`` with ``x`` in NHWC (``train`` defaults to
+the module's ``train`` attribute, False) and a normalisation
 ``norm`` among ``'none'``, ``'bn'`` (BatchNorm), ``'renorm'`` (Batch
 Renormalization), ``'ln'`` (LayerNorm) and ``'gn'`` (GroupNorm). BNP needs no
 layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
@@ -8,6 +9,8 @@ layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
 - ``fc``: three hidden Dense layers of 100, ReLU, Glorot-uniform weights and
   zero biases; the normalisation comes after the activation
   (post-activation), as in the paper's BN network.
+- ``fc2``: the same with two hidden layers, the network of the paper's
+  Figure 8 (Section 5.1).
 - ``cnn5``: the TensorFlow tutorial CNN the paper uses: three 3x3 VALID
   convolutions with 32, 64 and 32 filters, ReLU, 2x2 max pooling after the
   first two, then Dense(64) and Dense(classes); Glorot-uniform weights, zero
@@ -30,6 +33,7 @@ import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
+import optax
 
 from bnp_optax.experiments import _batch_renorm
 
@@ -88,6 +92,12 @@ class _GroupNormCapped(nn.Module):
     return nn.GroupNorm(num_groups=None, group_size=size, epsilon=1e-5)(x)
 
 
+def cross_entropy(logits, labels):
+  """Mean softmax cross entropy with integer labels: the paper's loss."""
+  return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
 def _apply_norm(norm, train, x, **kwargs):
   layer = make_norm(norm, train, **kwargs)
   return x if layer is None else layer(x)
@@ -99,9 +109,11 @@ class FullyConnected(nn.Module):
   norm: str = 'none'
   num_classes: int = 10
   hidden: tuple[int, ...] = (100, 100, 100)
+  train: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool | None = None):
+    train = self.train if train is None else train
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, kernel_init=_glorot, bias_init=_zeros)(x))
@@ -117,9 +129,11 @@ class CNN5(nn.Module):
   num_classes: int = 10
   filters: tuple[int, ...] = (32, 64, 32)
   dense: int = 64
+  train: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool | None = None):
+    train = self.train if train is None else train
     for i, f in enumerate(self.filters):
       x = nn.Conv(f, (3, 3), padding='VALID', kernel_init=_glorot,
                   bias_init=_zeros)(x)
@@ -186,6 +200,7 @@ class ResNet(nn.Module):
     init_scale: factor on the He-normal weight initialisation.
     conv_bias: give the convolutions a bias (for BNP, which centres with it).
     gn_groups: GroupNorm group count (ResNet-18), else groups of 4 channels.
+    train: the default of ``__call__``'s ``train`` (batch statistics).
   """
 
   norm: str = 'bn'
@@ -197,9 +212,11 @@ class ResNet(nn.Module):
   init_scale: float = 1.0
   conv_bias: bool = False
   gn_groups: int | None = None
+  train: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool | None = None):
+    train = self.train if train is None else train
     init = nn.initializers.variance_scaling(
         2.0 * self.init_scale ** 2, 'fan_out', 'normal')
     conv = functools.partial(nn.Conv, padding='SAME', kernel_init=init,
@@ -229,7 +246,7 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=_glorot, bias_init=_zeros)(x)
 
 
-MODELS = ('fc', 'cnn5', 'resnet110', 'preact_resnet110', 'resnet18')
+MODELS = ('fc', 'fc2', 'cnn5', 'resnet110', 'preact_resnet110', 'resnet18')
 
 
 def make_model(name: str, norm: str, num_classes: int, *,
@@ -253,6 +270,9 @@ def make_model(name: str, norm: str, num_classes: int, *,
     raise ValueError(f'unknown normalisation {norm!r}; expected one of {NORMS}')
   if name == 'fc':
     return FullyConnected(norm=norm, num_classes=num_classes)
+  if name == 'fc2':
+    return FullyConnected(norm=norm, num_classes=num_classes,
+                          hidden=(100, 100))
   if name == 'cnn5':
     return CNN5(norm=norm, num_classes=num_classes)
   if name in ('resnet110', 'preact_resnet110'):

@@ -1,4 +1,4 @@
-"""The paper's comparisons (Section 5, Figures 3-7) as named suites."""
+"""The paper's comparisons (Section 5, Figures 3-8) as named suites."""
 
 import dataclasses
 
@@ -64,4 +64,8 @@ SUITES = {s.name: s for s in (
     Suite('fig6-preact', 'Figure 6 right', 'preact_resnet110', 'cifar100',
           128, ('bn', 'gn', 'bnp', 'bnp_gn'), 250, _RESNET_CIFAR100,
           {'bnp_gn': dict(weight_decay=2e-4, init_scale=0.4)}),
+    # Section 5.1: BNP + SGD at Table 2's rate for CIFAR-10, condition
+    # numbers of the output layer's first neuron at every step.
+    Suite('fig8', 'Figure 8 (conditioning, Section 5.1)', 'fc2', 'cifar10',
+          60, ('bnp',), 3, dict(learning_rate=0.1, conditioning_every=1)),
 )}

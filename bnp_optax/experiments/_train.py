@@ -10,9 +10,9 @@ batches on the host (data) and in the compiled calls (step) is measured
 separately.
 """
 
-import dataclasses
 import datetime
 import math
+import pathlib
 import platform
 import sys
 import time
@@ -25,108 +25,27 @@ import numpy as np
 import optax
 
 import bnp_optax
+from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 
-SCHEMA = 'bnp_optax.experiments.run/1'
+SCHEMA = 'bnp_optax.experiments.run/2'
+OPTIMIZERS = _config.OPTIMIZERS
+RunConfig = _config.RunConfig
 
 
-@dataclasses.dataclass
-class RunConfig:
-  """Everything that defines a run (stored in its JSON).
+class Interrupted(Exception):
+  """Training stopped at a step boundary on a signal (SIGINT or SIGTERM)."""
 
-  Attributes:
-    model: one of ``_models.MODELS``.
-    dataset: one of ``_data.DATASETS``.
-    method: one of ``_methods.METHODS``.
-    batch_size: examples per step.
-    epochs: passes over the training set.
-    seed: initialisation and data-order seed.
-    learning_rate: ``None`` for the paper's (Tables 2 and 3).
-    optimizer: ``'sgd'``, ``'momentum'`` or ``'adam'``.
-    momentum: momentum of ``'momentum'``.
-    weight_decay: L2 weight decay added to the gradient (before BNP).
-    warmup_steps: linear warm-up steps from ``warmup_init``.
-    warmup_init: learning rate at step 0 of the warm-up.
-    lr_decay_epochs: epochs at which the learning rate is divided by 10.
-    augment: random crops (4-pixel zero padding) and horizontal flips.
-    train_subset: use this many training examples (random, fixed).
-    test_subset: use this many test examples (random, fixed).
-    evals_per_epoch: test evaluations (history points) per epoch.
-    steps_per_call: training steps per compiled call; ``None``: automatic.
-    resnet_blocks: blocks per stage of the CIFAR ResNets (18 for 110).
-    init_scale: factor on the ResNets' He-normal initialisation.
-    eps1: BNP's ``eps1``.
-    eps2: BNP's ``eps2``.
-    rho: BNP's ``rho``.
-  """
-
-  model: str = 'fc'
-  dataset: str = 'digits'
-  method: str = 'bnp'
-  batch_size: int = 60
-  epochs: int = 3
-  seed: int = 0
-  learning_rate: float | None = None
-  optimizer: str = 'sgd'
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  warmup_steps: int = 0
-  warmup_init: float = 0.01
-  lr_decay_epochs: tuple[int, ...] = ()
-  augment: bool = False
-  train_subset: int | None = None
-  test_subset: int | None = None
-  evals_per_epoch: int = 1
-  steps_per_call: int | None = None
-  resnet_blocks: int | None = None
-  init_scale: float = 1.0
-  eps1: float = 1e-2
-  eps2: float = 1e-4
-  rho: float = 0.99
-
-  def resolved_learning_rate(self) -> tuple[float, str]:
-    if self.learning_rate is not None:
-      return float(self.learning_rate), 'command line'
-    return _methods.default_learning_rate(self.model, self.dataset,
-                                          self.batch_size, self.method)
-
-  def run_name(self) -> str:
-    """File stem of the run's JSON, unique per configuration that matters."""
-    lr, _ = self.resolved_learning_rate()
-    name = (f'{self.model}-{self.dataset}-bs{self.batch_size}-{self.method}'
-            f'-lr{lr:g}-{self.optimizer}-e{self.epochs}')
-    if self.train_subset:
-      name += f'-n{self.train_subset}'
-    return name + f'-seed{self.seed}'
-
-
-OPTIMIZERS = ('sgd', 'momentum', 'adam')
+  def __init__(self, signum: int):
+    super().__init__(f'interrupted by signal {signum}')
+    self.signum = signum
 
 
 def validate(config: RunConfig) -> None:
   """Raises ValueError for a configuration that cannot run."""
-  if config.method not in _methods.METHODS:
-    raise ValueError(f'unknown method {config.method!r}; expected one of '
-                     f'{sorted(_methods.METHODS)}')
-  if config.model not in _models.MODELS:
-    raise ValueError(f'unknown model {config.model!r}; expected one of '
-                     f'{_models.MODELS}')
-  if config.dataset not in _data.DATASETS:
-    raise ValueError(f'unknown dataset {config.dataset!r}; expected one of '
-                     f'{_data.DATASETS}')
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f'unknown optimizer {config.optimizer!r}; expected one '
-                     f'of {OPTIMIZERS}')
-  for field in ('batch_size', 'epochs', 'evals_per_epoch'):
-    if getattr(config, field) < 1:
-      raise ValueError(f'{field} must be >= 1, got {getattr(config, field)}')
-  if config.steps_per_call is not None and config.steps_per_call < 1:
-    raise ValueError('steps_per_call must be >= 1')
-  lr, _ = config.resolved_learning_rate()
-  if not lr > 0:
-    raise ValueError(f'learning rate must be > 0, got {lr}')
+  _config.check(config)
 
 
 def prepare_data(config: RunConfig, ds: _data.Dataset) -> _data.Dataset:
@@ -136,6 +55,12 @@ def prepare_data(config: RunConfig, ds: _data.Dataset) -> _data.Dataset:
     raise ValueError(
         f'batch size {config.batch_size} is larger than the training set '
         f'({len(ds.x_train)} examples of {ds.name})')
+  steps_per_epoch = len(ds.x_train) // config.batch_size
+  if config.evals_per_epoch > steps_per_epoch:
+    raise ValueError(
+        f'--evals-per-epoch {config.evals_per_epoch} is more than the '
+        f'{steps_per_epoch} steps per epoch ({len(ds.x_train)} examples, '
+        f'batch size {config.batch_size})')
   return ds
 
 
@@ -204,11 +129,6 @@ def _augment(key, x):
   return jax.vmap(one)(padded, dy, dx, flip)
 
 
-def _cross_entropy(logits, labels):
-  return jnp.mean(
-      optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
 class Trainer:
   """The compiled training chunk and evaluation of one run."""
 
@@ -240,7 +160,7 @@ class Trainer:
       out = self.model.apply(variables, x, train=True, mutable=mutable)
       layer_stats = None
     logits, new_state = out
-    return _cross_entropy(logits, y), (dict(new_state), layer_stats)
+    return _models.cross_entropy(logits, y), (dict(new_state), layer_stats)
 
   def step(self, state, x, y):
     """One training step on a uint8 batch; returns the new state and loss."""
@@ -308,15 +228,137 @@ def auto_steps_per_call(batch_size: int, steps_per_epoch: int) -> int:
   return max(1, min(steps_per_epoch, math.ceil(1024 / batch_size)))
 
 
+def _bnp_running_stats(opt_state):
+  """The running statistics inside an optimizer state (the BNP part)."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, bnp_optax.ScaleByBNPState):
+      found.append(node.running_stats)
+      return True
+    return False
+
+  jax.tree.map(lambda x: x, opt_state, is_leaf=visit)
+  return found[0]
+
+
+class _Conditioning:
+  """Figure 8: condition numbers of the output neuron's Hessian per step."""
+
+  def __init__(self, trainer: 'Trainer'):
+    # pylint: disable=g-import-not-at-top
+    from bnp_optax import diagnostics
+    self.diagnostics = diagnostics
+    self.trainer = trainer
+    self.layer = f'Dense_{len(trainer.model.hidden)}'
+    self.rows = []
+
+  def before(self, state, x, y):
+    params, model_state, _, _ = state
+    return self.diagnostics.neuron_hessian(
+        self.trainer.model, {'params': params, **model_state}, _to_float(x),
+        jax.tree_util.Partial(_models.cross_entropy, labels=jnp.asarray(y)),
+        layer=self.layer, neuron=0)
+
+  def after(self, step, loss, nh, state):
+    d = self.diagnostics
+    config = self.trainer.config
+    running = _bnp_running_stats(state[2])[self.layer]
+    # The P applied to this step's gradient: the running statistics after
+    # this step's update (Algorithm 2, steps 2-3).
+    c = d.conditioning(nh.hessian, running, eps1=config.eps1,
+                       eps2=config.eps2)
+    # The theory's P with this batch's own statistics (Theorem 3).
+    batch = d.conditioning(nh.hessian, d.patch_statistics(nh.inputs),
+                           eps1=config.eps1, eps2=config.eps2)
+    # Without the regularisers (eps1 = eps2 = 0), as in Eq. 12.
+    plain = d.conditioning(nh.hessian, running, eps1=0.0, eps2=0.0)
+    self.rows.append(dict(
+        step=step, loss=_finite_or_none(loss),
+        kappa_hessian=c.kappa_hessian,
+        kappa_preconditioned=c.kappa_preconditioned, kappa_d=c.kappa_d,
+        kappa_preconditioned_batch=batch.kappa_preconditioned, rank=c.rank,
+        kappa_preconditioned_eps0=plain.kappa_preconditioned,
+        kappa_d_eps0=plain.kappa_d, size=int(nh.hessian.shape[0])))
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  # One generator per epoch, so that a resumed run draws the same orders.
+  return np.random.default_rng([seed, 2, epoch]).permutation(n)
+
+
+def _progress_bar(config, total, initial):
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise MissingDependency('tqdm', 'the progress bar') from e
+  return tqdm(total=total, initial=initial, unit='step', leave=False,
+              dynamic_ncols=True, mininterval=0.5,
+              desc=f'{config.method} s{config.seed}')
+
+
+class MissingDependency(ImportError):
+  """An optional dependency is missing; names the extra to install."""
+
+  def __init__(self, module: str, purpose: str,
+               extra: str = 'experiments'):
+    super().__init__(f'{purpose} needs {module}: pip install '
+                     f"'bnp_optax[{extra}]'")
+
+
+class _Checkpoints:
+  """Orbax checkpoints of one run, one per evaluation (the last one kept)."""
+
+  def __init__(self, directory):
+    try:
+      import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise MissingDependency('orbax-checkpoint', 'checkpointing') from e
+    self.ocp = ocp
+    # Orbax wants absolute paths.
+    self.directory = pathlib.Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, enable_async_checkpointing=False,
+            create=True))
+
+  def latest(self):
+    return self.manager.latest_step()
+
+  def save(self, step, state, meta):
+    ocp = self.ocp
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self.manager.wait_until_finished()
+
+  def restore(self, step, like):
+    ocp = self.ocp
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
+  def close(self):
+    self.manager.close()
+
+
 def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
-          log=print) -> dict[str, Any]:
+          log=print, stop=None, checkpoint_dir=None, resume: bool = False,
+          keep_state: bool = False) -> dict[str, Any]:
   """Trains one configuration on ``ds`` and returns its result dict.
 
   Args:
     config: the run, already validated.
     ds: the dataset, already subset by :func:`prepare_data`.
-    progress: show a tqdm progress bar with the running loss.
+    progress: show a tqdm progress bar with the running loss (the caller
+      decides; the CLI shows one only on a terminal).
     log: called with one line per evaluation.
+    stop: called between steps; a non-zero return (a signal number) stops
+      the run there with :class:`Interrupted`, nothing half-done kept.
+    checkpoint_dir: save an orbax checkpoint there at each evaluation.
+    resume: continue from the last checkpoint in ``checkpoint_dir``.
+    keep_state: also return the final ``(params, model state, optimizer
+      state, key data)`` under ``'state'`` (not JSON).
 
   Returns:
     The result, in the JSON schema :data:`SCHEMA` (see :func:`check_result`).
@@ -327,9 +369,12 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   steps_per_epoch = n_train // bs
   spc = config.steps_per_call or auto_steps_per_call(bs, steps_per_epoch)
   spc = min(spc, steps_per_epoch)
+  if config.conditioning_every:
+    spc = 1  # The diagnostics look at every step's batch.
   trainer = Trainer(config, ds.num_classes, ds.x_train.shape[1:],
                     steps_per_epoch)
   state = trainer.state
+  conditioning = _Conditioning(trainer) if config.conditioning_every else None
 
   xs_shape = (spc, bs) + ds.x_train.shape[1:]
   compile_start = time.perf_counter()
@@ -352,94 +397,118 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
         x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
         y = np.concatenate([y, np.zeros(pad, y.dtype)])
         w = np.concatenate([w, np.zeros(pad, np.float32)])
-      c, l = eval_fn(state, x, y, w)
+      c, loss_sum = eval_fn(state, x, y, w)
       correct += float(c)
-      total_loss += float(l)
+      total_loss += float(loss_sum)
     n = len(ds.x_test)
     return correct / n, total_loss / n
 
-  eval_start = time.perf_counter()
-  acc0, loss0 = run_eval(state)
-  eval_s = time.perf_counter() - eval_start
-  history = [dict(epoch=0.0, step=0, train_loss=None,
-                  test_accuracy=acc0, test_loss=_finite_or_none(loss0),
-                  time_s=0.0)]
-  data_s = step_s = 0.0
-  train_s = 0.0
-  rng = np.random.default_rng(config.seed)
-  total_steps = steps_per_epoch * config.epochs
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=total_steps, unit='step', leave=False, dynamic_ncols=True,
-               mininterval=0.5,
-               desc=f'{config.method} s{config.seed}')
+  checkpoints = _Checkpoints(checkpoint_dir) if checkpoint_dir else None
+  timing = dict(data_s=0.0, step_s=0.0, train_s=0.0, eval_s=0.0)
   step = 0
-  diverged = False
-  for epoch in range(config.epochs):
-    order = rng.permutation(n_train)
-    cuts = [round(steps_per_epoch * k / config.evals_per_epoch)
-            for k in range(config.evals_per_epoch + 1)]
-    for seg_start, seg_end in zip(cuts[:-1], cuts[1:]):
-      seg_losses = []
-      for c0 in range(seg_start, seg_end, spc):
-        t0 = time.perf_counter()
-        count = min(spc, seg_end - c0)
-        idx = order[c0 * bs:(c0 + count) * bs]
-        xs = ds.x_train[idx].reshape((count, bs) + ds.x_train.shape[1:])
-        ys = ds.y_train[idx].reshape((count, bs))
-        valid = np.ones(spc, bool)
-        if count < spc:
-          valid[count:] = False
-          xs = np.concatenate(
-              [xs, np.zeros((spc - count,) + xs.shape[1:], xs.dtype)])
-          ys = np.concatenate(
-              [ys, np.zeros((spc - count, bs), ys.dtype)])
-        t1 = time.perf_counter()
-        state, losses = chunk_fn(state, xs, ys, valid)
-        losses = np.asarray(losses)[:count]
-        t2 = time.perf_counter()
-        data_s += t1 - t0
-        step_s += t2 - t1
-        train_s += t2 - t0
-        seg_losses.append(losses)
-        step += count
+  resumed_from = None
+  if checkpoints is not None and resume and checkpoints.latest() is not None:
+    state, meta = checkpoints.restore(checkpoints.latest(), state)
+    history = meta['history']
+    step = meta['step']
+    timing = meta['timing']
+    if conditioning is not None:
+      conditioning.rows = meta['conditioning']
+    resumed_from = step
+    if log is not None:
+      log(f'resumed {config.run_name()} from its checkpoint at step {step} '
+          f'(epoch {history[-1]["epoch"]:.2f})')
+  else:
+    eval_start = time.perf_counter()
+    acc0, loss0 = run_eval(state)
+    timing['eval_s'] = time.perf_counter() - eval_start
+    history = [dict(epoch=0.0, step=0, train_loss=None,
+                    test_accuracy=acc0, test_loss=_finite_or_none(loss0),
+                    time_s=0.0)]
+  total_steps = steps_per_epoch * config.epochs
+  bar = _progress_bar(config, total_steps, step) if progress else None
+  cuts = [round(steps_per_epoch * k / config.evals_per_epoch)
+          for k in range(config.evals_per_epoch + 1)]
+  try:
+    for epoch in range(step // steps_per_epoch, config.epochs):
+      order = _epoch_order(config.seed, epoch, n_train)
+      for seg_start, seg_end in zip(cuts[:-1], cuts[1:]):
+        if epoch * steps_per_epoch + seg_end <= step:
+          continue  # Done before the checkpoint this run resumed from.
+        seg_losses = []
+        for c0 in range(seg_start, seg_end, spc):
+          if stop is not None and stop():
+            raise Interrupted(stop())
+          t0 = time.perf_counter()
+          count = min(spc, seg_end - c0)
+          idx = order[c0 * bs:(c0 + count) * bs]
+          xs = ds.x_train[idx].reshape((count, bs) + ds.x_train.shape[1:])
+          ys = ds.y_train[idx].reshape((count, bs))
+          valid = np.ones(spc, bool)
+          if count < spc:
+            valid[count:] = False
+            xs = np.concatenate(
+                [xs, np.zeros((spc - count,) + xs.shape[1:], xs.dtype)])
+            ys = np.concatenate(
+                [ys, np.zeros((spc - count, bs), ys.dtype)])
+          measure = conditioning is not None and (
+              step % config.conditioning_every == 0)
+          nh = conditioning.before(state, xs[0], ys[0]) if measure else None
+          t1 = time.perf_counter()
+          state, losses = chunk_fn(state, xs, ys, valid)
+          losses = np.asarray(losses)[:count]
+          t2 = time.perf_counter()
+          if measure:
+            conditioning.after(step, losses[0], nh, state)
+          timing['data_s'] += t1 - t0
+          timing['step_s'] += t2 - t1
+          timing['train_s'] += t2 - t0
+          seg_losses.append(losses)
+          step += count
+          if bar is not None:
+            bar.update(count)
+            bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
+                            refresh=False)
+        seg_loss = float(np.mean(np.concatenate(seg_losses)))
+        t3 = time.perf_counter()
+        acc, test_loss = run_eval(state)
+        timing['eval_s'] += time.perf_counter() - t3
+        history.append(dict(
+            epoch=epoch + seg_end / steps_per_epoch, step=step,
+            train_loss=_finite_or_none(seg_loss), test_accuracy=acc,
+            test_loss=_finite_or_none(test_loss), time_s=timing['train_s']))
+        line = (f'{config.model} {config.dataset} bs{bs} {config.method} '
+                f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
+                f'train loss {seg_loss:.4f} test acc {acc:.2%} '
+                f'({timing["train_s"]:.1f}s)')
+        if checkpoints is not None and step < total_steps:
+          meta = dict(step=step, history=history, timing=timing)
+          if conditioning is not None:
+            meta['conditioning'] = conditioning.rows
+          checkpoints.save(step, state, meta)
+          line += ', checkpoint saved'
         if bar is not None:
-          bar.update(count)
-          bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
-                          refresh=False)
-      seg_loss = float(np.mean(np.concatenate(seg_losses)))
-      if not math.isfinite(seg_loss):
-        diverged = True
-      t3 = time.perf_counter()
-      acc, test_loss = run_eval(state)
-      eval_s += time.perf_counter() - t3
-      history.append(dict(
-          epoch=epoch + seg_end / steps_per_epoch, step=step,
-          train_loss=_finite_or_none(seg_loss), test_accuracy=acc,
-          test_loss=_finite_or_none(test_loss), time_s=train_s))
-      line = (f'{config.model} {config.dataset} bs{bs} {config.method} '
-              f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
-              f'train loss {seg_loss:.4f} test acc {acc:.2%} '
-              f'({train_s:.1f}s)')
-      if bar is not None:
-        bar.write(line)
-      elif log is not None:
-        log(line)
-  if bar is not None:
-    bar.close()
-  cfg = dataclasses.asdict(config)
-  cfg['lr_decay_epochs'] = list(config.lr_decay_epochs)
+          bar.write(line)
+        elif log is not None:
+          log(line)
+  finally:
+    if bar is not None:
+      bar.close()
+    if checkpoints is not None:
+      checkpoints.close()
+  diverged = any(p['train_loss'] is None for p in history[1:])
+  cfg = _config.canonical(config)
   cfg.update(
-      learning_rate=trainer.lr, learning_rate_source=trainer.lr_source,
+      learning_rate_source=trainer.lr_source,
       method_label=trainer.method.label, norm=trainer.method.norm,
       bnp=trainer.method.bnp, num_train=n_train, num_test=len(ds.x_test),
       num_classes=ds.num_classes, input_shape=list(ds.x_train.shape[1:]),
       data_source=ds.source, steps_per_epoch=steps_per_epoch,
-      steps_per_call=spc, num_params=trainer.num_params)
-  return {
+      resolved_steps_per_call=spc, num_params=trainer.num_params)
+  result = {
       'schema': SCHEMA,
       'name': config.run_name(),
+      'group': config.group_hash(),
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'config': cfg,
       'versions': versions(),
@@ -449,14 +518,21 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
                     diverged=diverged),
       'timing': dict(
           total_s=time.perf_counter() - start, compile_s=compile_s,
-          train_s=train_s, data_s=data_s, step_s=step_s, eval_s=eval_s,
-          steps=step, data_us_per_step=1e6 * data_s / max(step, 1),
-          step_us_per_step=1e6 * step_s / max(step, 1)),
+          train_s=timing['train_s'], data_s=timing['data_s'],
+          step_s=timing['step_s'], eval_s=timing['eval_s'], steps=step,
+          data_us_per_step=1e6 * timing['data_s'] / max(step, 1),
+          step_us_per_step=1e6 * timing['step_s'] / max(step, 1),
+          resumed_from_step=resumed_from),
   }
+  if conditioning is not None:
+    result['conditioning'] = conditioning.rows
+  if keep_state:
+    result['state'] = state
+  return result
 
 
 _REQUIRED = {
-    'schema': str, 'name': str, 'created': str, 'config': dict,
+    'schema': str, 'name': str, 'group': str, 'created': str, 'config': dict,
     'versions': dict, 'history': list, 'final': dict, 'timing': dict,
 }
 _REQUIRED_CONFIG = ('model', 'dataset', 'method', 'batch_size', 'epochs',

@@ -1,0 +1,327 @@
+"""The one definition of a run's configuration, and the CLI derived from it.
+
+:class:`RunConfig` lists every field that can change a run's numbers: its
+canonical form (:func:`canonical`) is the run's identity, hashed into the
+result file's name and stored in the JSON. :class:`Options` lists how the
+runs are executed (where the data and results are, progress output,
+checkpoints), which never changes a result. Each field carries its help text
+and its range check; :func:`add_arguments` builds the argparse flags from
+them and :func:`check` validates a configuration before any training.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from typing import Any
+
+from bnp_optax._src import transform as _core
+from bnp_optax.experiments import _data
+from bnp_optax.experiments import _methods
+from bnp_optax.experiments import _models
+
+OPTIMIZERS = ('sgd', 'momentum', 'adam')
+# Bumped when a field is added or its meaning changes: results of another
+# identity version are not comparable and are never mixed.
+IDENTITY_VERSION = 2
+
+
+def _field(default, help_text: str, *, check=None, choices=None, flag=None,
+           metavar=None):
+  """A dataclass field with its CLI help, range check and flag name."""
+  return dataclasses.field(default=default, metadata=dict(
+      help=help_text, check=check, choices=choices, flag=flag,
+      metavar=metavar))
+
+
+def _at_least(low):
+  def check(v):
+    return None if v is None or v >= low else f'must be >= {low}'
+  return check
+
+
+def _positive(v):
+  if v is None or (math.isfinite(v) and v > 0):
+    return None
+  return 'must be a finite number > 0'
+
+
+def _non_negative(v):
+  if math.isfinite(v) and v >= 0:
+    return None
+  return 'must be a finite number >= 0'
+
+
+def _unit_interval(v):
+  return None if 0 <= v < 1 else 'must be in [0, 1)'
+
+
+def _epoch_list(v):
+  if all(e >= 1 for e in v):
+    return None
+  return 'must be epochs >= 1'
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything that defines a run: its identity (stored in its JSON).
+
+  Each field's help text is in its metadata (``--help`` shows it).
+  """
+
+  model: str = _field('fc', 'network', choices=_models.MODELS)
+  dataset: str = _field('digits', 'dataset (digits: offline, bundled with '
+                        'scikit-learn)', choices=_data.DATASETS)
+  method: str = _field('bnp', 'methods to compare, comma-separated',
+                       choices=tuple(_methods.METHODS), flag='--methods',
+                       metavar='M1,M2')
+  batch_size: int = _field(60, 'examples per step', check=_at_least(1))
+  epochs: int = _field(3, 'passes over the training set', check=_at_least(1))
+  seed: int = _field(0, "seeds (initialisation and data order), "
+                     "comma-separated, or e.g. '3x' for 0,1,2",
+                     check=_at_least(0), flag='--seeds', metavar='SEEDS')
+  learning_rate: float | None = _field(
+      None, "learning rate of every method; none: the paper's (Tables 2 "
+      'and 3, see `list`)', check=_positive, flag='--lr')
+  optimizer: str = _field('sgd', 'base optimizer after BNP',
+                          choices=OPTIMIZERS)
+  momentum: float = _field(0.9, 'momentum of the momentum optimizer',
+                           check=_unit_interval)
+  weight_decay: float = _field(0.0, 'L2 weight decay added to the gradient '
+                               '(before BNP)', check=_non_negative)
+  warmup_steps: int = _field(0, 'linear learning-rate warm-up steps',
+                             check=_at_least(0))
+  warmup_init: float = _field(0.01, 'learning rate at step 0 of the warm-up',
+                              check=_non_negative)
+  lr_decay_epochs: tuple[int, ...] = _field(
+      (), 'epochs at which the learning rate is divided by 10, '
+      'comma-separated', check=_epoch_list, metavar='E1,E2')
+  augment: bool = _field(False, 'random crops (4-pixel zero padding) and '
+                         'horizontal flips')
+  train_subset: int | None = _field(
+      None, 'train on this many examples (random, the same for every run); '
+      'none: all', check=_at_least(1))
+  test_subset: int | None = _field(
+      None, 'evaluate on this many test examples; none: all',
+      check=_at_least(1))
+  evals_per_epoch: int = _field(1, 'test evaluations (history points) per '
+                                'epoch, at most the steps per epoch',
+                                check=_at_least(1))
+  steps_per_call: int | None = _field(
+      None, 'training steps per compiled call; none: about 1024 examples',
+      check=_at_least(1))
+  resnet_blocks: int | None = _field(
+      None, 'blocks per stage of the CIFAR ResNets; none: 18 (ResNet-110)',
+      check=_at_least(1))
+  init_scale: float = _field(1.0, "factor on the ResNets' He-normal "
+                             'initialisation', check=_positive)
+  eps1: float = _field(_core.DEFAULT_EPS1, "BNP's eps1 (relative variance "
+                       'floor)', check=_non_negative)
+  eps2: float = _field(_core.DEFAULT_EPS2, "BNP's eps2 (absolute variance "
+                       'floor)', check=_non_negative)
+  rho: float = _field(_core.DEFAULT_RHO, "BNP's running-average rate",
+                      check=_unit_interval)
+  conditioning_every: int = _field(
+      0, "Figure 8: condition numbers of the output neuron's Hessian every "
+      'k steps (BNP methods, fc models); 0: off', check=_at_least(0))
+
+  def resolved_learning_rate(self) -> tuple[float, str]:
+    """The learning rate and where it comes from."""
+    if self.learning_rate is not None:
+      return float(self.learning_rate), 'command line'
+    return _methods.default_learning_rate(self.model, self.dataset,
+                                          self.batch_size, self.method)
+
+  def group_hash(self) -> str:
+    """Short hash of the configuration without the seed (seeds share it)."""
+    identity = canonical(self)
+    del identity['seed']
+    text = json.dumps(identity, sort_keys=True, separators=(',', ':'))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+  def run_name(self) -> str:
+    """File stem of the run's JSON: readable fields, config hash, seed."""
+    return (f'{self.model}-{self.dataset}-bs{self.batch_size}-{self.method}'
+            f'-{self.group_hash()}-seed{self.seed}')
+
+
+def canonical(config: RunConfig) -> dict[str, Any]:
+  """The run's identity: every field, the learning rate resolved."""
+  d = dataclasses.asdict(config)
+  d['learning_rate'] = config.resolved_learning_rate()[0]
+  d['lr_decay_epochs'] = list(config.lr_decay_epochs)
+  d['identity_version'] = IDENTITY_VERSION
+  return d
+
+
+IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)) + (
+    'identity_version',)
+
+
+def identity_of(result_config: dict) -> dict[str, Any]:
+  """The identity fields of a result JSON's ``config``."""
+  return {k: result_config.get(k) for k in IDENTITY_FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How runs are executed: never part of a run's identity."""
+
+  out: str = _field('results', 'directory for the run JSON files (a suite '
+                    'writes to OUT/<suite>)', metavar='DIR')
+  data_dir: str | None = _field(None, 'directory holding the dataset (or '
+                                'DIR/<dataset>)', metavar='DIR')
+  download: bool = _field(False, 'download missing data (MD5-checked) into '
+                          'the cache directory, or --data-dir when given')
+  cache_dir: str | None = _field(None, 'download cache; none: '
+                                 '$BNP_OPTAX_DATA or ~/.cache/bnp_optax',
+                                 metavar='DIR')
+  overwrite: bool = _field(False, 'replace the result of a run with the '
+                           'identical configuration')
+  skip_existing: bool = _field(False, 'keep the result of a run with the '
+                               'identical configuration and skip it')
+  resume: bool = _field(False, 'continue interrupted runs from their last '
+                        'checkpoint (OUT/.checkpoints)')
+  checkpoint: str = _field(
+      'auto', 'save an orbax checkpoint at each evaluation: auto: for the '
+      'CNN and ResNets', choices=('auto', 'always', 'never'),
+      metavar='WHEN')
+  progress: bool = _field(True, 'a progress bar when stdout is a terminal '
+                          '(otherwise one line per evaluation)')
+  plot: str | None = _field(None, 'also write the figure of these runs to '
+                            'this PNG', metavar='PNG')
+
+
+def _base_type(annotation):
+  """``(type, optional)`` of a field annotation such as ``int | None``."""
+  if isinstance(annotation, types.UnionType) or typing.get_origin(
+      annotation) is typing.Union:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0], True
+  return annotation, False
+
+
+def _parser_for(kind, optional: bool, name: str):
+  """The argparse ``type`` of a field."""
+  if typing.get_origin(kind) is tuple:
+    def parse_tuple(text):
+      try:
+        return tuple(int(v) for v in text.split(',') if v.strip())
+      except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'expected comma-separated integers, got {text!r}') from None
+    return parse_tuple
+
+  def parse(text):
+    if optional and text.lower() == 'none':
+      return None
+    try:
+      return kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f'{name}: expected {kind.__name__}, got {text!r}') from None
+  return parse
+
+
+def _plural(parse):
+  def parse_list(text):
+    return [parse(v.strip()) for v in text.split(',') if v.strip()]
+  return parse_list
+
+
+def seeds(text: str) -> list[int]:
+  """``'0,1,2'`` or ``'3x'`` (three seeds from 0)."""
+  try:
+    if text.endswith('x'):
+      return list(range(int(text[:-1])))
+    return [int(v) for v in text.split(',') if v.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"--seeds: expected integers or e.g. '3x', got {text!r}") from None
+
+
+def flag_of(f: dataclasses.Field) -> str:
+  return f.metadata.get('flag') or '--' + f.name.replace('_', '-')
+
+
+def add_arguments(group, cls, *, exclude=(), defaults=None) -> None:
+  """Adds one flag per field of dataclass ``cls`` to ``group``.
+
+  Every flag's default is ``None`` (not given), so that a suite's settings
+  apply where the user gave nothing; the help shows the effective default.
+
+  Args:
+    group: an argparse parser or argument group.
+    cls: :class:`RunConfig` or :class:`Options`.
+    exclude: field names without a flag.
+    defaults: ``{field: value}`` shown as the default instead of the
+      dataclass's (a suite's settings).
+  """
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if f.name in exclude:
+      continue
+    kind, optional = _base_type(hints[f.name])
+    meta = f.metadata
+    default = (defaults or {}).get(f.name, f.default)
+    if isinstance(default, tuple):
+      shown = ','.join(map(str, default)) or 'none'
+    else:
+      shown = 'none' if default is None else default
+    help_text = f'{meta["help"]} (default: {shown})'
+    if meta.get('choices'):
+      help_text = (f'{meta["help"]}; one of {", ".join(meta["choices"])} '
+                   f'(default: {shown})')
+    flag = flag_of(f)
+    kwargs = dict(dest=f.name, default=None, help=help_text)
+    if kind is bool:
+      group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                         **kwargs)
+      continue
+    parse = _parser_for(kind, optional, flag)
+    if f.name == 'seed':
+      parse = seeds
+    elif f.name == 'method':
+      parse = _plural(str)
+    metavar = meta.get('metavar') or (
+        'N' if kind is int else 'X' if kind is float else 'NAME')
+    group.add_argument(flag, type=parse, metavar=metavar, **kwargs)
+
+
+def from_args(cls, args, base: dict | None = None, **fixed):
+  """An instance of ``cls``: its defaults, then ``base``, then given flags."""
+  values = dict(base or {})
+  for f in dataclasses.fields(cls):
+    given = getattr(args, f.name, None)
+    if given is not None:
+      values[f.name] = given
+  values.update(fixed)
+  return cls(**values)
+
+
+def check(config) -> None:
+  """Raises ValueError naming the flag of the first out-of-range field."""
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    meta = f.metadata
+    if meta.get('choices') and value not in meta['choices']:
+      raise ValueError(f'{flag_of(f)}: unknown {f.name} {value!r}; expected '
+                       f'one of {", ".join(meta["choices"])}')
+    checker = meta.get('check')
+    message = checker(value) if checker else None
+    if message:
+      shown = ','.join(map(str, value)) if isinstance(value, tuple) else value
+      raise ValueError(f'{flag_of(f)} {message}, got {shown}')
+  if isinstance(config, RunConfig):
+    lr, _ = config.resolved_learning_rate()
+    if not (math.isfinite(lr) and lr > 0):
+      raise ValueError(f'--lr must be a finite number > 0, got {lr}')
+    if config.conditioning_every and not (
+        _methods.METHODS[config.method].bnp and config.model.startswith('fc')):
+      raise ValueError('--conditioning-every needs a BNP method and an fc '
+                       f'model, got {config.method} on {config.model}')
+  if isinstance(config, Options) and config.overwrite and config.skip_existing:
+    raise ValueError('--overwrite and --skip-existing exclude each other')
