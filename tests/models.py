@@ -88,3 +88,25 @@ def badly_scaled_inputs(rng, shape):
   offsets = rng.uniform(-20, 20, size=features)
   scales = 10.0 ** rng.uniform(-2, 2, size=features)
   return offsets + scales * rng.standard_normal(shape)
+
+
+class ScanBlock(nn.Module):
+  """One Dense + ReLU step, to be repeated by ``nn.scan``."""
+
+  @nn.compact
+  def __call__(self, carry, _):
+    return nn.relu(nn.Dense(4)(carry)), None
+
+
+def scanned(collections):
+  """Three ``ScanBlock`` steps under ``nn.scan`` with ``variable_axes``."""
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(ScanBlock, variable_axes=collections,
+                     split_rngs={'params': True}, length=3)
+      return scan(name='blocks')(x, None)[0]
+
+  return Scanned()
+

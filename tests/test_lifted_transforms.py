@@ -14,21 +14,7 @@ from tests import models
 STATS = bnp_optax.linen.COLLECTION
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return nn.relu(nn.Dense(4)(carry)), None
-
-
-def _scanned(collections):
-  class Scanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      scan = nn.scan(Block, variable_axes=collections,
-                     split_rngs={'params': True}, length=3)
-      x, _ = scan(name='blocks')(x, None)
-      return x
-  return Scanned()
+_scanned = models.scanned
 
 
 class Unrolled(nn.Module):

@@ -339,20 +339,7 @@ def test_statistics_equal_the_linen_interceptor(name):
   assert described == bnp_optax.describe_coverage(params, ref)
 
 
-class _Block(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return nn.relu(nn.Dense(4)(carry)), None
-
-
-def _scanned(collections):
-  class Scanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      scan = nn.scan(_Block, variable_axes=collections,
-                     split_rngs={'params': True}, length=3)
-      return scan(name='blocks')(x, None)[0]
-  return Scanned()
+_scanned = models.scanned
 
 
 def _ensemble(collections):
