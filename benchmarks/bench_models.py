@@ -28,16 +28,21 @@ def _norm(batch_norm: bool) -> str:
   return 'bn' if batch_norm else 'none'
 
 
-def FC(*, batch_norm: bool = False, num_classes: int = 10):
-  """784-100-100-100-10, ReLU, optional post-activation BatchNorm."""
-  return _models.FullyConnected(norm=_norm(batch_norm),
+def FC(*, batch_norm: bool = False, num_classes: int = 10,
+       hidden: tuple[int, ...] = (100, 100, 100)):
+  """784-100-100-100-10, ReLU, optional post-activation BatchNorm.
+
+  ``hidden`` sets other widths (the scaling cases).
+  """
+  return _models.FullyConnected(norm=_norm(batch_norm), hidden=hidden,
                                 num_classes=num_classes, train=True)
 
 
-def CNN5(*, batch_norm: bool = False, num_classes: int = 10):
+def CNN5(*, batch_norm: bool = False, num_classes: int = 10,
+         padding: str = 'VALID'):
   """Conv 32-64-32 (3x3), max-pool after the first two, Dense 64, Dense 10."""
   return _models.CNN5(norm=_norm(batch_norm), num_classes=num_classes,
-                      train=True)
+                      padding=padding, train=True)
 
 
 def ResNet18(*, batch_norm: bool = False, num_classes: int = 10):

@@ -38,6 +38,7 @@ import argparse
 from collections import Counter
 from collections.abc import Callable
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -74,12 +75,22 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
   fc, cnn, resnet = bench_models.FC, bench_models.CNN5, bench_models.ResNet18
   if resnet_batch is None:
     resnet_batch = 128 if on_gpu else 4
+  wide = lambda width: functools.partial(fc, hidden=(width,) * 3)
+  same = functools.partial(cnn, padding='SAME')
   cases = [
       Case('fc1', fc, (784,), 1, 2000),
+      Case('fc8', fc, (784,), 8, 2000),
       Case('fc60', fc, (784,), 60, 2000),
       Case('fc512', fc, (784,), 512, 1000),
+      Case('fc60w400', wide(400), (784,), 60, 1000),
+      Case('fc60w1600', wide(1600), (784,), 60, 200),
+      Case('fc60w4096', wide(4096), (784,), 60, 60),
       Case('cnn2', cnn, (32, 32, 3), 2, 1000),
+      Case('cnn16', cnn, (32, 32, 3), 16, 500),
       Case('cnn128', cnn, (32, 32, 3), 128, 200),
+      Case('cnn256', cnn, (32, 32, 3), 256, 60),
+      Case('cnn128same', same, (32, 32, 3), 128, 100),
+      Case('resnet18', resnet, (32, 32, 3), 32, 10),
       Case('resnet', resnet, (32, 32, 3), resnet_batch, 100 if on_gpu else 3),
   ]
   return {c.name: c for c in cases}
@@ -90,6 +101,11 @@ GROUPS = {
     'cnn': ['cnn2', 'cnn128'],
     'default': ['fc1', 'fc60', 'fc512', 'cnn2', 'cnn128'],
     'all': ['fc1', 'fc60', 'fc512', 'cnn2', 'cnn128', 'resnet'],
+    # BNP's overhead as the work grows: MLP width, batch size, CNN batch.
+    'scaling': ['fc60', 'fc60w400', 'fc60w1600', 'fc60w4096', 'fc1', 'fc8',
+                'fc512', 'cnn2', 'cnn16', 'cnn128', 'cnn256'],
+    # The cases of the performance issue: large feature maps, ResNet-18.
+    'targets': ['cnn128', 'cnn128same', 'resnet18', 'fc60w4096'],
 }
 
 
@@ -429,8 +445,8 @@ def main(argv=None) -> dict[str, Any]:
   on_gpu = jax.default_backend() == 'gpu'
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--cases', nargs='+', default=['default'],
-                 help='case names (fc1 fc60 fc512 cnn2 cnn128 resnet) or '
-                 'groups (fc, cnn, default, all)')
+                 help='case names (see _cases) or groups (fc, cnn, default, '
+                 'all, scaling, targets)')
   p.add_argument('--variants', nargs='+', default=['sgd', 'bnp', 'bn'],
                  help=f'any of {sorted(VARIANTS)}')
   p.add_argument('--steps', type=int, default=None,

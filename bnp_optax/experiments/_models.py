@@ -130,12 +130,13 @@ class CNN5(nn.Module):
   filters: tuple[int, ...] = (32, 64, 32)
   dense: int = 64
   train: bool = False
+  padding: str = 'VALID'  # the tutorial's; 'SAME' keeps feature maps large
 
   @nn.compact
   def __call__(self, x, train: bool | None = None):
     train = self.train if train is None else train
     for i, f in enumerate(self.filters):
-      x = nn.Conv(f, (3, 3), padding='VALID', kernel_init=_glorot,
+      x = nn.Conv(f, (3, 3), padding=self.padding, kernel_init=_glorot,
                   bias_init=_zeros)(x)
       x = _apply_norm(self.norm, train, nn.relu(x), gn_group_size=4)
       if i < len(self.filters) - 1:
