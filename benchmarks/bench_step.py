@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_models
 import bnp_optax
+from bnp_optax.experiments import cross_entropy
 
 LEARNING_RATE = 1e-3
 
@@ -109,10 +110,6 @@ GROUPS = {
 }
 
 
-def _loss(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 # A variant is a function (case, params_vanilla, params_bn) returning the
 # step function and its initial state; step(state, x, y) -> (state, loss).
 def sgd_variant(case, vanilla, bn_vars):
@@ -123,7 +120,7 @@ def sgd_variant(case, vanilla, bn_vars):
   def step(state, x, y):
     params, opt_state = state
     loss, grads = jax.value_and_grad(
-        lambda p: _loss(model.apply({'params': p}, x), y)
+        lambda p: cross_entropy(model.apply({'params': p}, x), y)
     )(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
@@ -141,7 +138,7 @@ def bnp_variant(case, vanilla, bn_vars):
 
     def loss_fn(p):
       logits, layer_stats = bnp_optax.linen.apply(model, {'params': p}, x)
-      return _loss(logits, y), layer_stats
+      return cross_entropy(logits, y), layer_stats
 
     (loss, layer_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params
@@ -167,7 +164,7 @@ def bn_variant(case, vanilla, bn_vars):
       logits, mutated = model.apply(
           {'params': p, 'batch_stats': batch_stats}, x, mutable=['batch_stats']
       )
-      return _loss(logits, y), mutated['batch_stats']
+      return cross_entropy(logits, y), mutated['batch_stats']
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params

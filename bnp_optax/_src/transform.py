@@ -76,7 +76,9 @@ MISSING_LAYER_STATS = (
     'scale_by_bnp: update() needs the keyword argument layer_stats, the '
     'input statistics of every Dense/Conv layer from this forward pass, and '
     'got none. Get them with `output, layer_stats = bnp_optax.linen.apply('
-    'model, variables, x)` (or bnp_optax.nnx.apply(model, x)) and pass them '
+    'model, variables, x)` (bnp_optax.nnx.apply(model, x) for NNX, '
+    'bnp_optax.tracing.apply(fn, params, x) for Equinox, Haiku or plain JAX '
+    'functions) and pass them '
     'on: `tx.update(grads, opt_state, params, layer_stats=layer_stats)`. '
     "Flax's own flax.training.train_state.TrainState.apply_gradients drops "
     'them: use bnp_optax.linen.TrainState, whose apply_gradients(grads=..., '
