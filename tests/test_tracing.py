@@ -555,6 +555,11 @@ def test_tied_weights_merge_statistics():
     (lambda p, x: lax.conv_general_dilated(
         p['w'][None, None], x[:, None, :, None], (1, 1), 'VALID'),
      'lhs'),
+    # A tied embedding: looked up as a table, then the output kernel.
+    (lambda p, x: p['w'][jnp.argmax(x, axis=1)] @ p['w'].T,
+     'also used outside its dense/conv layers'),
+    (lambda p, x: x @ p['w'] + jnp.sum(p['w'] ** 2),
+     'also used outside its dense/conv layers'),
 ])
 def test_parameters_that_are_not_layers_pass_through_with_a_reason(
     fn, reason):

@@ -555,6 +555,13 @@ def _layers(analysis: _Analysis, shapes, names) -> dict[int,
     if len(specs) > 1:
       analysis.reject({leaf}, f'used by layers of different layouts {specs}')
       continue
+    if analysis.uses.get(leaf, 0) > len(sites):
+      # e.g. an embedding table that is also the output layer's kernel: its
+      # gradient is not a layer's alone, so BNP's change of variables for
+      # that layer would also act on the other use's gradient.
+      analysis.reject({leaf}, 'also used outside its dense/conv layers (e.g. '
+                      'as an embedding table or an elementwise operand)')
+      continue
     biases = {s.bias for s in sites}
     bias = biases.pop() if len(biases) == 1 else None
     if bias is not None and (
