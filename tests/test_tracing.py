@@ -560,6 +560,7 @@ def test_tied_weights_merge_statistics():
      'also used outside its dense/conv layers'),
     (lambda p, x: x @ p['w'] + jnp.sum(p['w'] ** 2),
      'also used outside its dense/conv layers'),
+    (lambda p, x: x @ p['w'][:, :2], 'indexed or sliced'),
 ])
 def test_parameters_that_are_not_layers_pass_through_with_a_reason(
     fn, reason):

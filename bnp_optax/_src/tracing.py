@@ -50,6 +50,12 @@ _VIEW_PRIMITIVES = frozenset({
     'squeeze', 'expand_dims', 'broadcast_in_dim', 'sharding_constraint',
 })
 _INLINED = frozenset({'jit', 'pjit', 'closed_call', 'core_call'})
+# Indexing a parameter (``p['w'][i]``) makes a kernel per index that is not
+# a view of the whole leaf; only lax.scan's slicing is one layer per step.
+_INDEXING = frozenset({'slice', 'dynamic_slice', 'gather'})
+_INDEXED = ('indexed or sliced before use (e.g. p[...][i] in a Python loop '
+            'or fori_loop); a stack of kernels is captured when lax.scan '
+            'slices it, one layer per step')
 _REMAT = frozenset({'remat2', 'checkpoint', 'remat'})
 _DOT = 'dot_general'
 _CONV = 'conv_general_dilated'
@@ -474,6 +480,8 @@ def _analyse_jaxpr(jaxpr, in_values: Sequence[_Value], analysis: _Analysis,
     if counted:
       for leaf in {v.leaf for v in values if v.leaf is not None}:
         analysis.uses[leaf] = analysis.uses.get(leaf, 0) + 1
+    if outs is None and name in _INDEXING and values[0].leaf is not None:
+      outs = [_derived(values, _INDEXED)] * len(eqn.outvars)
     if outs is None:
       outs = [_derived(values)] * len(eqn.outvars)
     for v, value in zip(eqn.outvars, outs):
