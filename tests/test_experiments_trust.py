@@ -266,6 +266,7 @@ def _corrupt_mnist(root):
     (['--evals-per-epoch', '4'], 'more than the 3 steps per epoch'),
     (['--momentum', '1'], '--momentum must be in [0, 1)'),
     (['--lr', 'nan'], '--lr must be a finite number > 0'),
+    (['--lr-decay-epochs', '5,2'], '--lr-decay-epochs must be increasing'),
     (['--methods', 'vanilla,nope'], "--methods: unknown method 'nope'"),
     (['OUT_IS_FILE'], 'is a file, not a directory'),
     (['OUT_UNDER_FILE'], 'cannot be created'),

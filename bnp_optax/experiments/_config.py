@@ -60,9 +60,11 @@ def _unit_interval(v):
 
 
 def _epoch_list(v):
-  if all(e >= 1 for e in v):
-    return None
-  return 'must be epochs >= 1'
+  if not all(e >= 1 for e in v):
+    return 'must be epochs >= 1'
+  if any(a >= b for a, b in zip(v, v[1:])):
+    return 'must be increasing epochs'
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
