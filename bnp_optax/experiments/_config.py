@@ -30,11 +30,16 @@ IDENTITY_VERSION = 2
 
 
 def _field(default, help_text: str, *, check=None, choices=None, flag=None,
-           metavar=None):
-  """A dataclass field with its CLI help, range check and flag name."""
+           metavar=None, omit_at_default=False):
+  """A dataclass field with its CLI help, range check and flag name.
+
+  ``omit_at_default`` is for fields added after results were published: the
+  field enters a run's identity only when it differs from its default, so
+  the identity (and file name) of every earlier run stays what it was.
+  """
   return dataclasses.field(default=default, metadata=dict(
       help=help_text, check=check, choices=choices, flag=flag,
-      metavar=metavar))
+      metavar=metavar, omit_at_default=omit_at_default))
 
 
 def _at_least(low):
@@ -156,16 +161,35 @@ def canonical(config: RunConfig) -> dict[str, Any]:
   d['learning_rate'] = config.resolved_learning_rate()[0]
   d['lr_decay_epochs'] = list(config.lr_decay_epochs)
   d['identity_version'] = IDENTITY_VERSION
-  return d
+  return _omit_defaults(d)
 
 
 IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)) + (
     'identity_version',)
+# Fields that are in an identity only where they differ from the default.
+_OMITTED_AT_DEFAULT = {
+    f.name: f.default for f in dataclasses.fields(RunConfig)
+    if f.metadata.get('omit_at_default')}
 
 
-def identity_of(result_config: dict) -> dict[str, Any]:
-  """The identity fields of a result JSON's ``config``."""
-  return {k: result_config.get(k) for k in IDENTITY_FIELDS}
+def _omit_defaults(identity: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in identity.items()
+          if not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
+
+
+def identity_of(result_config: dict, *, complete: bool = False
+                ) -> dict[str, Any]:
+  """The identity fields of a result JSON's ``config``.
+
+  Args:
+    result_config: the ``config`` of a result JSON.
+    complete: every identity field, those omitted at their default
+      included (for comparing and describing runs field by field); else
+      the identity as :func:`canonical` writes it.
+  """
+  full = {k: result_config.get(k, _OMITTED_AT_DEFAULT.get(k))
+          for k in IDENTITY_FIELDS}
+  return full if complete else _omit_defaults(full)
 
 
 @dataclasses.dataclass(frozen=True)

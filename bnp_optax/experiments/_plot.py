@@ -90,7 +90,7 @@ def _series(runs, key):
 
 
 def _identity(run) -> dict:
-  return _config.identity_of(run['config'])
+  return _config.identity_of(run['config'], complete=True)
 
 
 def group_results(results):
