@@ -78,6 +78,7 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
     resnet_batch = 128 if on_gpu else 4
   wide = lambda width: functools.partial(fc, hidden=(width,) * 3)
   same = functools.partial(cnn, padding='SAME')
+  fc2 = functools.partial(fc, hidden=(100, 100))
   cases = [
       Case('fc1', fc, (784,), 1, 2000),
       Case('fc8', fc, (784,), 8, 2000),
@@ -86,6 +87,11 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
       Case('fc60w400', wide(400), (784,), 60, 1000),
       Case('fc60w1600', wide(1600), (784,), 60, 200),
       Case('fc60w4096', wide(4096), (784,), 60, 60),
+      # Table 1 of the paper: Figure 8's network (two hidden layers of 100)
+      # on CIFAR-10-shaped inputs at the batch sizes of its Figure 9.
+      Case('table1-bs16', fc2, (3072,), 16, 2000),
+      Case('table1-bs256', fc2, (3072,), 256, 500),
+      Case('table1-bs512', fc2, (3072,), 512, 300),
       Case('cnn2', cnn, (32, 32, 3), 2, 1000),
       Case('cnn16', cnn, (32, 32, 3), 16, 500),
       Case('cnn128', cnn, (32, 32, 3), 128, 200),
@@ -107,6 +113,7 @@ GROUPS = {
                 'fc512', 'cnn2', 'cnn16', 'cnn128', 'cnn256'],
     # The cases of the performance issue: large feature maps, ResNet-18.
     'targets': ['cnn128', 'cnn128same', 'resnet18', 'fc60w4096'],
+    'table1': ['table1-bs16', 'table1-bs256', 'table1-bs512'],
 }
 
 
@@ -413,7 +420,7 @@ def device_info() -> dict[str, Any]:
 def print_table(results, info) -> None:
   print(f"\ndevice: {info['platform']} ({info['device_kind']}), "
         f"{info['cpu_count']} CPU cores, jax {info['jax']}")
-  head = (f"{'case':<8}{'variant':<12}{'median ms':>11}{'p10-p90 ms':>17}"
+  head = (f"{'case':<13}{'variant':<12}{'median ms':>11}{'p10-p90 ms':>17}"
           f"{'/sgd':>7}{'lower s':>9}{'compile s':>10}{'peak MB':>9}"
           f"{'kernels':>8}{'fusions':>8}{'MFLOP':>9}")
   print(head)
@@ -424,17 +431,17 @@ def print_table(results, info) -> None:
       ratio = v['median_ms'] / sgd['median_ms'] if sgd else float('nan')
       mem = v['memory']['peak_bytes'] / 2**20 if v['memory'] else float('nan')
       flops = v['cost'].get('flops', float('nan')) / 1e6
-      print(f"{r['case']:<8}{name:<12}{v['median_ms']:>11.4f}"
+      print(f"{r['case']:<13}{name:<12}{v['median_ms']:>11.4f}"
             f"{v['p10_ms']:>8.4f}-{v['p90_ms']:<8.4f}{ratio:>7.3f}"
             f"{v['lower_s']:>9.3f}{v['compile_s']:>10.3f}{mem:>9.2f}"
             f"{v['hlo']['kernels']:>8}{v['hlo']['fusions']:>8}{flops:>9.2f}")
     for k, q in r['ratios'].items():
       if isinstance(q, dict):
-        print(f"{'':<8}{k:<20} median ratio {q['of_medians']:.3f}, paired "
+        print(f"{'':<13}{k:<20} median ratio {q['of_medians']:.3f}, paired "
               f"{q['paired']:.3f}, p10 {q['of_p10']:.3f}, compile "
               f"{q['compile']:.2f}")
       else:
-        print(f"{'':<8}{k:<20} {q:.3f}")
+        print(f"{'':<13}{k:<20} {q:.3f}")
     print()
 
 
@@ -443,7 +450,7 @@ def main(argv=None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--cases', nargs='+', default=['default'],
                  help='case names (see _cases) or groups (fc, cnn, default, '
-                 'all, scaling, targets)')
+                 'all, scaling, targets, table1)')
   p.add_argument('--variants', nargs='+', default=['sgd', 'bnp', 'bn'],
                  help=f'any of {sorted(VARIANTS)}')
   p.add_argument('--steps', type=int, default=None,
