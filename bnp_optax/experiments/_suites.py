@@ -65,7 +65,10 @@ SUITES = {s.name: s for s in (
           128, ('bn', 'gn', 'bnp', 'bnp_gn'), 250, _RESNET_CIFAR100,
           {'bnp_gn': dict(weight_decay=2e-4, init_scale=0.4)}),
     # Section 5.1: BNP + SGD at Table 2's rate for CIFAR-10, condition
-    # numbers of the output layer's first neuron at every step.
+    # numbers of the output layer's first neuron at every step; the vanilla
+    # network (Figure 8 left) at its own Table 2 rate, without them.
     Suite('fig8', 'Figure 8 (conditioning, Section 5.1)', 'fc2', 'cifar10',
-          60, ('bnp',), 3, dict(learning_rate=0.1, conditioning_every=1)),
+          60, ('vanilla', 'bnp'), 3, {},
+          {'bnp': dict(learning_rate=0.1, conditioning_every=1),
+           'vanilla': dict(learning_rate=1e-2)}),
 )}
