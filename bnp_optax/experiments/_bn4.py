@@ -212,7 +212,7 @@ class BN4(nn.Module):
             xg, np.arange(n, dtype=np.int32), n)
         mu = alpha * mu_x + (1 - alpha) * mu
         var = (alpha * var_x + (1 - alpha) * var
-               + alpha * (1 - alpha) * jnp.square(mu_x - mu_pop))
+               + alpha * (1 - alpha) * jnp.square(mu_x - mu_pop[None]))
       y = (xg - mu[:, None, :, None]) / jnp.sqrt(
           var + self.epsilon)[:, None, :, None]
     else:
@@ -229,7 +229,8 @@ class BN4(nn.Module):
             batch_mean)
         ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(
             batch_var)
-    y = y.reshape(x.shape) * scale + bias
+    shape = (1,) * (x.ndim - 1) + (features,)
+    y = y.reshape(x.shape) * scale.reshape(shape) + bias.reshape(shape)
     return y.astype(x.dtype)
 
 
