@@ -15,6 +15,7 @@ from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
+from bnp_optax.experiments import _plot
 from bnp_optax.experiments import _suites
 from bnp_optax.experiments import _train
 
@@ -393,3 +394,19 @@ def test_bn4_at_batch_one_is_finite():
   inference = trainer.model.apply({'params': state[0], **state[1]},
                                   x.astype(np.float32) / 255, train=False)
   assert np.all(np.isfinite(inference))
+
+
+def test_legend_ignores_the_methods_own_defaults():
+  # bn4's Adam and its fields are the method's defaults: in a panel of bn
+  # and bn4 only the learning rate (Table 3's, per method) differs.
+  def run(method, **kwargs):
+    config = _config.RunConfig(model='cnn5', dataset='cifar10',
+                               batch_size=2, method=method, **kwargs)
+    return {'config': _config.canonical(config)}
+
+  groups = {'a': [run('bn')], 'b': [run('bn4')]}
+  assert _plot._differing(groups) == ['learning_rate']
+  groups['c'] = [run('bn4', example_weight=0.3)]
+  assert _plot._differing(groups) == ['learning_rate', 'example_weight']
+  groups = {'a': [run('bn', optimizer='adam')], 'b': [run('bn4')]}
+  assert _plot._differing(groups) == ['learning_rate', 'optimizer']

@@ -223,6 +223,20 @@ def canonical(config: RunConfig) -> dict[str, Any]:
   return _omit_defaults(d)
 
 
+def method_defaults(method: str) -> dict[str, Any]:
+  """The identity fields whose default depends on the method, resolved.
+
+  Example:
+    >>> method_defaults('bn')['optimizer'], method_defaults('bn4')['optimizer']
+    ('sgd', 'adam')
+  """
+  resolved = RunConfig(method=method)
+  defaults = dict.fromkeys(_BN4_FIELDS)
+  defaults.update(resolved.resolved_bn4())
+  defaults['optimizer'] = resolved.resolved_optimizer()
+  return defaults
+
+
 IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)) + (
     'identity_version',)
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
