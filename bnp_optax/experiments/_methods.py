@@ -73,7 +73,8 @@ def default_learning_rate(model: str, dataset: str, batch_size: int,
   method, the nearest batch size (in log scale) first, then the same
   dataset, then MNIST (for ``digits``), then CIFAR-10; for Batch Renorm, LN
   and GN without any entry, BN's rate chosen the same way; finally
-  :data:`FALLBACK_LEARNING_RATE`.
+  :data:`FALLBACK_LEARNING_RATE` (so for BN with 4 Things, trained with
+  Adam, outside the 5-layer CNN: never BN's SGD rate).
 
   Args:
     model: model name.
