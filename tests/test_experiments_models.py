@@ -40,7 +40,7 @@ def _one_step(model, method, shape, *, batch_size=2, classes=10, **kwargs):
 def test_paper_models_every_method(model, shape, method):
   trainer, state = _one_step(model, method, shape)
   norm = _methods.METHODS[method].norm
-  if norm in ('bn', 'renorm'):
+  if norm in ('bn', 'renorm', 'bn4'):
     assert 'batch_stats' in state[1]
   else:
     assert not state[1]

@@ -13,6 +13,7 @@ by the harness, the examples, the notebooks and the benchmarks.
 """
 
 from bnp_optax.experiments._batch_renorm import BatchRenorm
+from bnp_optax.experiments._bn4 import BN4
 from bnp_optax.experiments._cli import main
 from bnp_optax.experiments._config import Options
 from bnp_optax.experiments._data import DataError
@@ -33,6 +34,7 @@ from bnp_optax.experiments._train import RunConfig
 from bnp_optax.experiments._train import train
 
 __all__ = [
+    'BN4',
     'BatchRenorm',
     'CNN5',
     'DataError',

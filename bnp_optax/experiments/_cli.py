@@ -466,7 +466,8 @@ def _cmd_list(args, signals):
   del args, signals
   print('methods:')
   for m in _methods.METHODS.values():
-    print(f'  {m.name:<8} {m.label:<10} norm={m.norm:<7} bnp={m.bnp}')
+    print(f'  {m.name:<8} {m.label:<15} norm={m.norm:<7} bnp={m.bnp!s:<5} '
+          f'optimizer={m.optimizer}')
   print('models:   ' + ', '.join(_models.MODELS))
   print('datasets: ' + ', '.join(_data.DATASETS))
   print('suites (python -m bnp_optax.experiments suite NAME):')

@@ -19,6 +19,7 @@ import typing
 from typing import Any
 
 from bnp_optax._src import transform as _core
+from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
@@ -55,9 +56,13 @@ def _positive(v):
 
 
 def _non_negative(v):
-  if math.isfinite(v) and v >= 0:
+  if v is None or (math.isfinite(v) and v >= 0):
     return None
   return 'must be a finite number >= 0'
+
+
+def _at_most_one(v):
+  return None if v is None or 0 <= v <= 1 else 'must be in [0, 1]'
 
 
 def _unit_interval(v):
@@ -93,8 +98,9 @@ class RunConfig:
   learning_rate: float | None = _field(
       None, "learning rate of every method; none: the paper's (Tables 2 "
       'and 3, see `list`)', check=_positive, flag='--lr')
-  optimizer: str = _field('sgd', 'base optimizer after BNP',
-                          choices=OPTIMIZERS)
+  optimizer: str | None = _field(
+      None, "base optimizer after BNP; none: the method's (adam for bn4, "
+      'sgd for the others, as the paper)', choices=OPTIMIZERS)
   momentum: float = _field(0.9, 'momentum of the momentum optimizer',
                            check=_unit_interval)
   weight_decay: float = _field(0.0, 'L2 weight decay added to the gradient '
@@ -134,6 +140,53 @@ class RunConfig:
   conditioning_every: int = _field(
       0, "Figure 8: condition numbers of the output neuron's Hessian every "
       'k steps (BNP methods, fc models); 0: off', check=_at_least(0))
+  # BN with 4 Things (method bn4, see _bn4.py). Added after results were
+  # published: in an identity only when set, and resolved to bn4's defaults
+  # for bn4 runs only (canonical), so every bn4 JSON records them.
+  ghost_batch_size: int | None = _field(
+      None, 'bn4: Ghost BN ghost batch size; none: '
+      f'{_bn4.DEFAULT_GHOST_BATCH_SIZE}', check=_at_least(1),
+      omit_at_default=True)
+  group_norm_below: int | None = _field(
+      None, 'bn4: Batch + Group Norm (groups of '
+      f'{_bn4.DEFAULT_GROUP_SIZE} channels) when the batch size is below '
+      f'this, else Ghost BN; none: {_bn4.DEFAULT_GROUP_NORM_BELOW}',
+      check=_at_least(1), omit_at_default=True)
+  example_weight: float | None = _field(
+      None, "bn4: weight alpha of an example's own statistics at inference; "
+      f'none: {_bn4.DEFAULT_EXAMPLE_WEIGHT}', check=_at_most_one,
+      omit_at_default=True)
+  norm_weight_decay: float | None = _field(
+      None, "bn4: L2 weight decay on the bn4 layers' scale and offset only; "
+      f'none: {_bn4.DEFAULT_NORM_WEIGHT_DECAY}', check=_non_negative,
+      omit_at_default=True)
+
+  def resolved_optimizer(self) -> str:
+    """The base optimizer: the given one, else the method's."""
+    if self.optimizer is not None:
+      return self.optimizer
+    return _methods.METHODS[self.method].optimizer
+
+  def resolved_bn4(self) -> dict[str, Any]:
+    """The bn4 fields, their defaults filled in; empty for other methods."""
+    if _methods.METHODS[self.method].norm != 'bn4':
+      return {}
+    defaults = dict(ghost_batch_size=_bn4.DEFAULT_GHOST_BATCH_SIZE,
+                    group_norm_below=_bn4.DEFAULT_GROUP_NORM_BELOW,
+                    example_weight=_bn4.DEFAULT_EXAMPLE_WEIGHT,
+                    norm_weight_decay=_bn4.DEFAULT_NORM_WEIGHT_DECAY)
+    return {k: v if getattr(self, k) is None else getattr(self, k)
+            for k, v in defaults.items()}
+
+  def bn4_settings(self) -> _bn4.BN4Settings | None:
+    """The bn4 layers of this run (decided by its batch size), or None."""
+    bn4 = self.resolved_bn4()
+    if not bn4:
+      return None
+    return _bn4.BN4Settings.for_batch_size(
+        self.batch_size, ghost_batch_size=bn4['ghost_batch_size'],
+        group_norm_below=bn4['group_norm_below'],
+        example_weight=bn4['example_weight'])
 
   def resolved_learning_rate(self) -> tuple[float, str]:
     """The learning rate and where it comes from."""
@@ -156,16 +209,39 @@ class RunConfig:
 
 
 def canonical(config: RunConfig) -> dict[str, Any]:
-  """The run's identity: every field, the learning rate resolved."""
+  """The run's identity: every field, learning rate and optimizer resolved.
+
+  For bn4 runs the bn4 fields are resolved too (their defaults written
+  out); for other methods they are None and left out.
+  """
   d = dataclasses.asdict(config)
   d['learning_rate'] = config.resolved_learning_rate()[0]
+  d['optimizer'] = config.resolved_optimizer()
+  d.update(config.resolved_bn4())
   d['lr_decay_epochs'] = list(config.lr_decay_epochs)
   d['identity_version'] = IDENTITY_VERSION
   return _omit_defaults(d)
 
 
+def method_defaults(method: str) -> dict[str, Any]:
+  """The identity fields whose default depends on the method, resolved.
+
+  Example:
+    >>> method_defaults('bn')['optimizer'], method_defaults('bn4')['optimizer']
+    ('sgd', 'adam')
+  """
+  resolved = RunConfig(method=method)
+  defaults = dict.fromkeys(_BN4_FIELDS)
+  defaults.update(resolved.resolved_bn4())
+  defaults['optimizer'] = resolved.resolved_optimizer()
+  return defaults
+
+
 IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)) + (
     'identity_version',)
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_BN4_FIELDS = ('ghost_batch_size', 'group_norm_below', 'example_weight',
+               'norm_weight_decay')
 # Fields that are in an identity only where they differ from the default.
 _OMITTED_AT_DEFAULT = {
     f.name: f.default for f in dataclasses.fields(RunConfig)
@@ -333,7 +409,8 @@ def check(config) -> None:
   for f in dataclasses.fields(config):
     value = getattr(config, f.name)
     meta = f.metadata
-    if meta.get('choices') and value not in meta['choices']:
+    if (meta.get('choices') and value not in meta['choices']
+        and not (value is None and f.default is None)):
       raise ValueError(f'{flag_of(f)}: unknown {f.name} {value!r}; expected '
                        f'one of {", ".join(meta["choices"])}')
     checker = meta.get('check')
@@ -345,6 +422,11 @@ def check(config) -> None:
     lr, _ = config.resolved_learning_rate()
     if not (math.isfinite(lr) and lr > 0):
       raise ValueError(f'--lr must be a finite number > 0, got {lr}')
+    bn4_set = [f.name for f in dataclasses.fields(config)
+               if f.name in _BN4_FIELDS and getattr(config, f.name) is not None]
+    if bn4_set and _methods.METHODS[config.method].norm != 'bn4':
+      raise ValueError(f'{flag_of(_FIELDS[bn4_set[0]])} is for bn4 only, '
+                       f'not {config.method}')
     if config.conditioning_every and not (
         _methods.METHODS[config.method].bnp and config.model.startswith('fc')):
       raise ValueError('--conditioning-every needs a BNP method and an fc '

@@ -13,12 +13,16 @@ class Method:
     label: the name used in figures.
     norm: the model's normalisation, see ``_models.NORMS``.
     bnp: precondition the gradients with BNP.
+    optimizer: the base optimizer when the run gives none (``RunConfig``'s
+      ``optimizer=None``): the paper's, SGD except for BN with 4 Things,
+      which it trains with Adam (Section 5.2, Appendix B).
   """
 
   name: str
   label: str
   norm: str
   bnp: bool
+  optimizer: str = 'sgd'
 
 
 METHODS = {
@@ -30,21 +34,24 @@ METHODS = {
         Method('gn', 'GN', 'gn', False),
         Method('bnp', 'BNP', 'none', True),
         Method('bnp_gn', 'BNP+GN', 'gn', True),
+        # Summers and Dinneen (2020), see _bn4.py.
+        Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam'),
     )
 }
 
 # The paper's best learning rates, keyed (model, dataset, batch size).
-# Table 2 (fully connected network, SGD) and Table 3 (CNNs).
+# Table 2 (fully connected network, SGD) and Table 3 (CNNs; bn4 with Adam).
 LEARNING_RATES = {
     ('fc', 'mnist', 60): dict(vanilla=1e-1, bn=5e-1, bnp=5e-1, ln=1e-1),
     ('fc', 'cifar10', 60): dict(vanilla=1e-2, bn=5e-1, bnp=1e-1, ln=5e-1),
     ('fc', 'cifar10', 6): dict(vanilla=5e-3, bn=5e-2, bnp=5e-2, renorm=5e-2,
                                ln=5e-2),
     ('fc', 'cifar10', 1): dict(vanilla=5e-4, bnp=1e-1, ln=1e-2),
-    ('cnn5', 'cifar10', 128): dict(vanilla=1e-1, bn=1e-1, bnp=1e-1),
+    ('cnn5', 'cifar10', 128): dict(vanilla=1e-1, bn=1e-1, bnp=1e-1,
+                                   bn4=5e-3),
     ('cnn5', 'cifar10', 2): dict(vanilla=1e-3, bn=1e-3, bnp=1e-2,
-                                 renorm=1e-2),
-    ('cnn5', 'cifar10', 1): dict(vanilla=1e-3, bnp=1e-1),
+                                 renorm=1e-2, bn4=1e-4),
+    ('cnn5', 'cifar10', 1): dict(vanilla=1e-3, bnp=1e-1, bn4=1e-3),
     ('resnet110', 'cifar10', 128): dict(bn=1e-1, bnp=1e-1, bnp_gn=1e-1,
                                         gn=1e-1),
     ('preact_resnet110', 'cifar100', 128): dict(bn=1e-1, bnp=1e-2,
@@ -66,7 +73,8 @@ def default_learning_rate(model: str, dataset: str, batch_size: int,
   method, the nearest batch size (in log scale) first, then the same
   dataset, then MNIST (for ``digits``), then CIFAR-10; for Batch Renorm, LN
   and GN without any entry, BN's rate chosen the same way; finally
-  :data:`FALLBACK_LEARNING_RATE`.
+  :data:`FALLBACK_LEARNING_RATE` (so for BN with 4 Things, trained with
+  Adam, outside the 5-layer CNN: never BN's SGD rate).
 
   Args:
     model: model name.

@@ -3,8 +3,10 @@
 Every model takes ``(x, train)`` with ``x`` in NHWC (``train`` defaults to
 the module's ``train`` attribute, False) and a normalisation
 ``norm`` among ``'none'``, ``'bn'`` (BatchNorm), ``'renorm'`` (Batch
-Renormalization), ``'ln'`` (LayerNorm) and ``'gn'`` (GroupNorm). BNP needs no
-layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
+Renormalization), ``'ln'`` (LayerNorm), ``'gn'`` (GroupNorm) and ``'bn4'``
+(BN with 4 Things, Summers and Dinneen 2020, see ``_bn4.py``; the model's
+``bn4`` settings say whether it is Ghost BN or Batch + Group Norm). BNP needs
+no layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
 
 - ``fc``: three hidden Dense layers of 100, ReLU, Glorot-uniform weights and
   zero biases; the normalisation comes after the activation
@@ -36,18 +38,25 @@ import jax.numpy as jnp
 import optax
 
 from bnp_optax.experiments import _batch_renorm
+from bnp_optax.experiments import _bn4
 
-NORMS = ('none', 'bn', 'renorm', 'ln', 'gn')
+NORMS = ('none', 'bn', 'renorm', 'ln', 'gn', 'bn4')
 
 _glorot = nn.initializers.glorot_uniform()
 _zeros = nn.initializers.zeros
 
 
 def make_norm(norm: str, train: bool, *, gn_group_size: int | None = 4,
-              gn_groups: int | None = None) -> Callable | None:
-  """A fresh normalisation layer for ``norm``, or None for ``'none'``."""
+              gn_groups: int | None = None,
+              bn4: _bn4.BN4Settings | None = None) -> Callable | None:
+  """A fresh normalisation layer for ``norm``, or None for ``'none'``.
+
+  ``bn4`` configures ``'bn4'`` (default: ``BN4Settings()``, Ghost BN).
+  """
   if norm == 'none':
     return None
+  if norm == 'bn4':
+    return (bn4 or _bn4.BN4Settings()).layer(train)
   if norm == 'bn':
     # TensorFlow's defaults, as the paper used.
     return nn.BatchNorm(use_running_average=not train, momentum=0.99,
@@ -110,6 +119,7 @@ class FullyConnected(nn.Module):
   num_classes: int = 10
   hidden: tuple[int, ...] = (100, 100, 100)
   train: bool = False
+  bn4: _bn4.BN4Settings | None = None
 
   @nn.compact
   def __call__(self, x, train: bool | None = None):
@@ -117,7 +127,7 @@ class FullyConnected(nn.Module):
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, kernel_init=_glorot, bias_init=_zeros)(x))
-      x = _apply_norm(self.norm, train, x, gn_group_size=4)
+      x = _apply_norm(self.norm, train, x, gn_group_size=4, bn4=self.bn4)
     return nn.Dense(self.num_classes, kernel_init=_glorot,
                     bias_init=_zeros)(x)
 
@@ -131,6 +141,7 @@ class CNN5(nn.Module):
   dense: int = 64
   train: bool = False
   padding: str = 'VALID'  # the tutorial's; 'SAME' keeps feature maps large
+  bn4: _bn4.BN4Settings | None = None
 
   @nn.compact
   def __call__(self, x, train: bool | None = None):
@@ -138,12 +149,13 @@ class CNN5(nn.Module):
     for i, f in enumerate(self.filters):
       x = nn.Conv(f, (3, 3), padding=self.padding, kernel_init=_glorot,
                   bias_init=_zeros)(x)
-      x = _apply_norm(self.norm, train, nn.relu(x), gn_group_size=4)
+      x = _apply_norm(self.norm, train, nn.relu(x), gn_group_size=4,
+                      bn4=self.bn4)
       if i < len(self.filters) - 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense, kernel_init=_glorot, bias_init=_zeros)(x))
-    x = _apply_norm(self.norm, train, x, gn_group_size=4)
+    x = _apply_norm(self.norm, train, x, gn_group_size=4, bn4=self.bn4)
     return nn.Dense(self.num_classes, kernel_init=_glorot,
                     bias_init=_zeros)(x)
 
@@ -201,6 +213,7 @@ class ResNet(nn.Module):
     init_scale: factor on the He-normal weight initialisation.
     conv_bias: give the convolutions a bias (for BNP, which centres with it).
     gn_groups: GroupNorm group count (ResNet-18), else groups of 4 channels.
+    bn4: settings of the ``'bn4'`` layers.
     train: the default of ``__call__``'s ``train`` (batch statistics).
   """
 
@@ -214,6 +227,7 @@ class ResNet(nn.Module):
   conv_bias: bool = False
   gn_groups: int | None = None
   train: bool = False
+  bn4: _bn4.BN4Settings | None = None
 
   @nn.compact
   def __call__(self, x, train: bool | None = None):
@@ -226,7 +240,7 @@ class ResNet(nn.Module):
       norm = lambda: (lambda y: y)
     else:
       norm = functools.partial(make_norm, self.norm, train, gn_group_size=4,
-                               gn_groups=self.gn_groups)
+                               gn_groups=self.gn_groups, bn4=self.bn4)
     if self.imagenet_stem:
       x = conv(self.stage_filters[0], (7, 7), strides=2)(x)
     else:
@@ -252,7 +266,8 @@ MODELS = ('fc', 'fc2', 'cnn5', 'resnet110', 'preact_resnet110', 'resnet18')
 
 def make_model(name: str, norm: str, num_classes: int, *,
                init_scale: float = 1.0, conv_bias: bool = False,
-               resnet_blocks: int | None = None) -> nn.Module:
+               resnet_blocks: int | None = None,
+               bn4: _bn4.BN4Settings | None = None) -> nn.Module:
   """Builds model ``name`` with normalisation ``norm``.
 
   Args:
@@ -263,6 +278,8 @@ def make_model(name: str, norm: str, num_classes: int, *,
     conv_bias: give the ResNets' convolutions a bias.
     resnet_blocks: blocks per stage of the CIFAR ResNets instead of 18
       (a smaller network of the same family, e.g. 3 for ResNet-20).
+    bn4: settings of the ``'bn4'`` layers (default: Ghost BN, see
+      ``_bn4.BN4Settings``).
 
   Returns:
     The Flax linen module.
@@ -270,19 +287,20 @@ def make_model(name: str, norm: str, num_classes: int, *,
   if norm not in NORMS:
     raise ValueError(f'unknown normalisation {norm!r}; expected one of {NORMS}')
   if name == 'fc':
-    return FullyConnected(norm=norm, num_classes=num_classes)
+    return FullyConnected(norm=norm, num_classes=num_classes, bn4=bn4)
   if name == 'fc2':
     return FullyConnected(norm=norm, num_classes=num_classes,
-                          hidden=(100, 100))
+                          hidden=(100, 100), bn4=bn4)
   if name == 'cnn5':
-    return CNN5(norm=norm, num_classes=num_classes)
+    return CNN5(norm=norm, num_classes=num_classes, bn4=bn4)
   if name in ('resnet110', 'preact_resnet110'):
     n = 18 if resnet_blocks is None else resnet_blocks
     return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(n, n, n),
                   preact=name.startswith('preact'), init_scale=init_scale,
-                  conv_bias=conv_bias)
+                  conv_bias=conv_bias, bn4=bn4)
   if name == 'resnet18':
     return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(2, 2, 2, 2),
                   stage_filters=(64, 128, 256, 512), imagenet_stem=True,
-                  init_scale=init_scale, conv_bias=conv_bias, gn_groups=32)
+                  init_scale=init_scale, conv_bias=conv_bias, gn_groups=32,
+                  bn4=bn4)
   raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')

@@ -118,10 +118,24 @@ def group_results(results):
 
 
 def _differing(groups) -> list[str]:
-  """Identity fields (besides panel, method, seed) that differ among groups."""
-  identities = [_identity(runs[0]) for runs in groups.values()]
+  """Identity fields (besides panel, method, seed) that differ among groups.
+
+  A field at its method's own default (``optimizer``, the bn4 fields; see
+  ``_config.method_defaults``) counts as the same as another method's
+  default: BN with 4 Things' Adam is not a difference of the configuration.
+  """
+  identities = [_at_method_defaults(_identity(runs[0]))
+                for runs in groups.values()]
   return [k for k in _config.IDENTITY_FIELDS if k not in _NOT_IN_LEGEND
           and len({json.dumps(i[k]) for i in identities}) > 1]
+
+
+def _at_method_defaults(identity: dict) -> dict:
+  if identity.get('method') not in _methods.METHODS:
+    return identity
+  defaults = _config.method_defaults(identity['method'])
+  return {k: '<method default>' if k in defaults and v == defaults[k] else v
+          for k, v in identity.items()}
 
 
 def _describe(run, fields) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import bnp_optax
+from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
@@ -84,15 +85,28 @@ def _schedule(config: RunConfig, lr: float, steps_per_epoch: int):
 
 def make_optimizer(config: RunConfig, lr: float,
                    steps_per_epoch: int) -> optax.GradientTransformation:
-  """The method's optimizer: [weight decay], [BNP], then SGD/momentum/Adam."""
+  """The method's optimizer: [weight decay], [BNP], then SGD/momentum/Adam.
+
+  The base optimizer is ``config.resolved_optimizer()`` (the method's when
+  the run gives none). For bn4, Summers and Dinneen's weight decay on the
+  normalisation's ``gamma`` and ``beta`` comes first: ``wd * p`` added to
+  the gradient of the bn4 layers' ``scale`` and ``bias`` only
+  (``add_decayed_weights`` masked by ``_bn4.norm_param_mask``), coupled L2,
+  so Adam rescales it with the rest of the gradient.
+  """
   schedule = _schedule(config, lr, steps_per_epoch)
-  if config.optimizer == 'adam':
+  optimizer = config.resolved_optimizer()
+  if optimizer == 'adam':
     base = optax.adam(schedule)
-  elif config.optimizer == 'momentum':
+  elif optimizer == 'momentum':
     base = optax.sgd(schedule, momentum=config.momentum)
   else:
     base = optax.sgd(schedule)
   parts = []
+  norm_wd = config.resolved_bn4().get('norm_weight_decay')
+  if norm_wd:
+    parts.append(optax.add_decayed_weights(norm_wd,
+                                           mask=_bn4.norm_param_mask))
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
   if _methods.METHODS[config.method].bnp:
@@ -106,7 +120,7 @@ def make_model(config: RunConfig, num_classes: int):
   return _models.make_model(
       config.model, method.norm, num_classes, init_scale=config.init_scale,
       conv_bias=method.bnp or method.norm in ('none', 'ln'),
-      resnet_blocks=config.resnet_blocks)
+      resnet_blocks=config.resnet_blocks, bn4=config.bn4_settings())
 
 
 def _to_float(x):
