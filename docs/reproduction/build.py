@@ -106,16 +106,15 @@ def numbers_table(results: list[dict]) -> str:
       accs = [r['final']['test_accuracy'] for r in runs]
       diverged = sum(bool(r['final']['diverged']) for r in runs)
       extra = []
-      if c.get('train_subset'):
-        extra.append(f'subset {c["train_subset"]}')
       if c.get('resnet_blocks'):
         extra.append(f'{c["resnet_blocks"]} blocks/stage')
       label = c.get('method_label', c['method'])
       head = f'{label}' + (f' ({model}, {dataset}, bs {bs})'
                            if len(_plot.group_results(results)) > 1 else '')
+      subset = ' (subset)' if c.get('train_subset') else ''
       lines.append(
           f'| {head} | {c["optimizer"]}, {c["learning_rate"]:g} | '
-          f'{c["epochs"]} | {c["num_train"]}'
+          f'{c["epochs"]} | {c["num_train"]}{subset}'
           f'{" (" + ", ".join(extra) + ")" if extra else ""} | {len(runs)} | '
           f'{_fmt_loss(losses)} | {_fmt_range(accs, 100)} | {diverged} |')
   return '\n'.join(lines)
