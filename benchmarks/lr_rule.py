@@ -11,8 +11,9 @@ Two commands, neither of which trains:
   the batch is real MNIST, else random pixels.
 
 ``python benchmarks/lr_rule.py tables [DIR]``
-  The tables of the how-to from the stored run results (DIR, default
-  ``docs/howto/lr_rule``): the rate-0.1 comparison and the sweep.
+  The tables of the how-to from the stored sweep summaries (DIR, default
+  ``docs/howto/lr_rule``), one per summary, a row per method and rate
+  (mean over seeds, the min-max in brackets).
 """
 
 import argparse
@@ -60,10 +61,14 @@ def q2_report(data_dir=None) -> dict:
 
   (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
   q2 = _qscale.q_squared_per_layer(params, stats)
-  # rho = 0: the running statistics are this batch's after one update.
+  # rho = 0: the running statistics are this batch's after one update;
+  # the paper's rho = 0.99 at the first step: still nearly mu = 0,
+  # sigma^2 = 1, their initial values.
   rows = {}
-  for name, which in (('paper', 'paper'), ('no_conv', 'no_conv')):
-    tx = optax.chain(bnp_optax.scale_by_bnp(rho=0.0),
+  for name, which, rho in (('paper', 'paper', 0.0),
+                           ('no_conv', 'no_conv', 0.0),
+                           ('first_step', 'paper', 0.99)):
+    tx = optax.chain(bnp_optax.scale_by_bnp(rho=rho),
                      _qscale.undo_q_scaling(which))
     updates, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
     rows[name] = _qscale.step_ratio(grads, updates)
@@ -73,6 +78,7 @@ def q2_report(data_dir=None) -> dict:
         kind=info['kind'], fan_in=int(info['fan_in']),
         batch_size=int(info['batch_size']),
         positions=float(info['positions']), q2=float(info['q2']),
+        step_ratio_bnp_first_step=rows['first_step'][layer],
         step_ratio_bnp=rows['paper'][layer],
         step_ratio_bnp_no_conv_q=rows['no_conv'][layer])
   return dict(batch=source, batch_size=BATCH, layers=layers)
@@ -81,12 +87,19 @@ def q2_report(data_dir=None) -> dict:
 def print_q2(report: dict) -> None:
   print(f'flax_mnist_cnn, batch size {report["batch_size"]} '
         f'({report["batch"]}); q^2 = max(n_in / N, sqrt(r s)):')
+  print("|Pg|/|g|: the size of BNP's step relative to SGD's at the same "
+        'rate, at the first step (running statistics near their initial '
+        'mean 0, variance 1) and with the statistics of this batch (rho = 0: '
+        "where they converge), with and without the conv layers' 1/q^2")
   print(f'{"layer":<8} {"kind":<6} {"n_in":>5} {"N":>4} {"r s":>5} '
-        f'{"q^2":>6}  |Pg|/|g| BNP  |Pg|/|g| without conv 1/q^2')
+        f'{"q^2":>6} {"first step":>11} {"converged":>10} '
+        f'{"no conv 1/q^2":>14}')
   for name, r in report['layers'].items():
     print(f'{name:<8} {r["kind"]:<6} {r["fan_in"]:>5} {r["batch_size"]:>4} '
-          f'{r["positions"]:>5g} {r["q2"]:>6.2f}  {r["step_ratio_bnp"]:>12.4f}'
-          f'  {r["step_ratio_bnp_no_conv_q"]:>12.4f}')
+          f'{r["positions"]:>5g} {r["q2"]:>6.2f} '
+          f'{r["step_ratio_bnp_first_step"]:>11.4f} '
+          f'{r["step_ratio_bnp"]:>10.4f} '
+          f'{r["step_ratio_bnp_no_conv_q"]:>14.4f}')
 
 
 def _pct(values):
@@ -102,56 +115,48 @@ def _pct(values):
 def _loss(values):
   values = [v for v in values if v is not None]
   if not values:
-    return 'diverged'
+    return 'nan'
   if len(values) == 1:
-    return f'{values[0]:.4f}'
-  return f'{np.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})'
+    return f'{values[0]:.4g}'
+  return f'{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})'
+
+
+SUMMARIES = ('sweep-3seeds.json', 'sweep.json',
+             'sweep-bnp-no-conv-q.json', 'sweep-bnp-no-q.json',
+             'sweep-bnp-debias.json')
 
 
 def tables(directory) -> str:
-  """Markdown tables of the stored study."""
+  """Markdown tables of the stored sweep summaries, one per file."""
   directory = pathlib.Path(directory)
+  names = [n for n in SUMMARIES if (directory / n).exists()]
+  names += sorted(p.name for p in directory.glob('*.json')
+                  if p.name not in SUMMARIES and p.name != 'q2.json')
   lines = []
-  groups = {}
-  for path in sorted((directory / 'lr0.1').glob('*.json')):
-    r = json.loads(path.read_text())
-    c = r['config']
-    key = (c['method'], c.get('bnp_q', 'paper'), c['learning_rate'])
-    groups.setdefault(key, []).append(r)
-  if groups:
-    lines += ['| method | q scaling | rate | seeds | epoch-1 train loss | '
-              'test accuracy % |', '|---|---|---|---|---|---|']
-    for (method, q, lr), runs in groups.items():
-      label = 'SGD momentum' if method == 'vanilla' else 'BNP momentum'
-      q = '-' if method == 'vanilla' else q
-      lines.append(
-          f'| {label} | {q} | {lr:g} | {len(runs)} | '
-          f'{_loss([r["final"]["train_loss"] for r in runs])} | '
-          f'{_pct([r["final"]["test_accuracy"] for r in runs])} |')
-  for path in sorted(directory.glob('sweep*.json')):
-    s = json.loads(path.read_text())
-    lines += ['', f'{path.name}: held-out accuracy % per rate '
-              f'({len(s["seeds"])} seed(s), {s["num_validation"]} held-out '
-              f'examples, {s["config"]["num_train"]} training examples)', '']
-    rates = sorted({rate for m in s['methods'].values() for rate in m['grid']})
-    lines.append('| method | bnp_q | ' + ' | '.join(f'{r:g}' for r in rates)
-                 + ' | best rate | held-out % | test % at best |')
-    lines.append('|---' * (len(rates) + 5) + '|')
-    q = s['config'].get('bnp_q', 'paper')
+  for name in names:
+    s = json.loads((directory / name).read_text())
+    c = s['config']
+    variant = ', '.join(
+        ([f'bnp_q={c["bnp_q"]}'] if 'bnp_q' in c else [])
+        + (['debiased'] if c.get('bnp_debias') else [])) or "paper's BNP"
+    lines += [
+        f'{name}: {c["num_train"]} training examples, {c["epochs"]} '
+        f'epoch(s), held-out {s["num_validation"]}, seeds '
+        f'{",".join(map(str, s["seeds"]))}; BNP variant: {variant}', '',
+        '| method | rate | train loss (epoch mean) | held-out acc % | '
+        'test acc % | diverged | selected |', '|---|---|---|---|---|---|---|']
     for method, m in s['methods'].items():
-      by_rate = {row['learning_rate']: row for row in m['rows']}
-      cells = []
-      for rate in rates:
-        row = by_rate.get(rate)
-        cells.append('' if row is None else 'div' if row['diverged'] else
-                     f'{100 * row["validation_accuracy_mean"]:.2f}')
-      best = m['best']
-      tail = ('none | - | -' if best is None else
-              f'{m["best_learning_rate"]:g} | '
-              f'{100 * best["validation_accuracy_mean"]:.2f} | '
-              f'{100 * best["test_accuracy_mean"]:.2f}')
-      lines.append(f'| {method} | {"-" if method == "vanilla" else q} | '
-                   + ' | '.join(cells) + f' | {tail} |')
+      label = 'SGD momentum' if method == 'vanilla' else 'BNP momentum'
+      for row in m['rows']:
+        best = row['learning_rate'] == m['best_learning_rate']
+        chosen = 'yes' if best else ''
+        div = ','.join(map(str, row['diverged_seeds'])) or ''
+        lines.append(
+            f'| {label} | {row["learning_rate"]:g} | '
+            f'{_loss(row["train_loss"])} | '
+            f'{_pct(row["validation_accuracy"])} | '
+            f'{_pct(row["test_accuracy"])} | {div} | {chosen} |')
+    lines.append('')
   return '\n'.join(lines)
 
 

@@ -95,12 +95,12 @@ def test_select_best_is_the_held_out_argmax():
   assert _sweep.select_best({0.1: (0.9, True), 1.0: (0.2, True)}) is None
 
 
-def _fake(method, lr, seed, val, test, diverged=False):
+def _fake(method, lr, seed, val, test, diverged=False, train_loss=0.5):
   config = _config.RunConfig(method=method, learning_rate=lr, seed=seed,
                              validation_split=0.1)
   return dict(name=config.run_name(), config=_config.canonical(config) | dict(
-      num_validation=144), final=dict(
-          validation_accuracy=val, test_accuracy=test, train_loss=0.5,
+      num_validation=144), history=[dict(validation_loss=2.3)], final=dict(
+          validation_accuracy=val, test_accuracy=test, train_loss=train_loss,
           diverged=diverged))
 
 
@@ -111,15 +111,20 @@ def test_summary_reads_held_out_accuracy_only():
   runs += [_fake('bnp', 10.0, 0, 0.95, 0.99, diverged=True),
            _fake('bnp', 10.0, 1, 0.95, 0.99)]
   runs += [_fake('vanilla', 0.1, s, 0.7 + 0.1 * s, 0.2) for s in (0, 1)]
+  # Finite, but it ended above the untrained network's loss: diverged.
+  runs += [_fake('vanilla', 1.0, s, 0.99, 0.99, train_loss=1e30)
+           for s in (0, 1)]
   summary = _sweep.summarize(runs, {'bnp': (0.1, 1.0, 10.0),
-                                    'vanilla': (0.1,)})
+                                    'vanilla': (0.1, 1.0)})
   bnp = summary['methods']['bnp']
   assert bnp['best_learning_rate'] == 0.1
   assert bnp['best']['test_accuracy_mean'] == pytest.approx(0.1)
   assert [r['diverged'] for r in bnp['rows']] == [False, False, True]
   assert bnp['rows'][2]['diverged_seeds'] == [0]
-  assert summary['methods']['vanilla']['best'][
-      'validation_accuracy_mean'] == pytest.approx(0.75)
+  vanilla = summary['methods']['vanilla']
+  assert vanilla['best_learning_rate'] == 0.1
+  assert vanilla['rows'][1]['diverged_seeds'] == [0, 1]
+  assert vanilla['best']['validation_accuracy_mean'] == pytest.approx(0.75)
   table = _sweep.format_table(summary)
   assert 'div' in table and 'vanilla' in table
   json.dumps(summary, allow_nan=False)

@@ -7,8 +7,10 @@ given), and each method's rate is selected by :func:`select_best`:
 
 - the score of a rate is the mean over seeds of the final held-out
   (validation) accuracy; the test set is never read for the selection;
-- a rate at which any seed diverged (a non-finite training or validation
-  loss) is out, whatever its accuracy;
+- a rate at which any seed diverged is out, whatever its accuracy: a run
+  diverged when a training or validation loss was non-finite, or when its
+  final training loss is above the held-out loss of the untrained network
+  (it ended worse than it started, e.g. a loss of 1e30 or dead units);
 - ties (equal scores) go to the smaller rate;
 - a method whose every rate diverged has no best rate.
 
@@ -27,9 +29,9 @@ SCHEMA = 'bnp_optax.experiments.sweep/1'
 DEFAULT_VALIDATION_SPLIT = 0.1
 SELECTION_RULE = (
     'highest mean (over seeds) final accuracy on the held-out validation '
-    'split; rates where any seed diverged (non-finite training or '
-    'validation loss) excluded; ties to the smaller rate; the test set is '
-    'not used')
+    'split; rates where any seed diverged (a non-finite loss, or a final '
+    "training loss above the untrained network's held-out loss) excluded; "
+    'ties to the smaller rate; the test set is not used')
 
 
 class GridError(ValueError):
@@ -109,6 +111,15 @@ def select_best(scores: dict[float, tuple[float | None, bool]]
   return max(candidates)[2] if candidates else None
 
 
+def diverged(result: dict) -> bool:
+  """Whether a run diverged: see the module docstring."""
+  if result['final']['diverged']:
+    return True
+  start = result['history'][0].get('validation_loss')
+  end = result['final']['train_loss']
+  return start is not None and end is not None and end > start
+
+
 def _mean(values):
   values = [v for v in values if v is not None]
   return sum(values) / len(values) if values else None
@@ -147,7 +158,7 @@ def summarize(results: list[dict], grids: dict[str, tuple[float, ...]]
       if not group:
         raise ValueError(f'no run of {method} at learning rate {rate}')
       finals = [r['final'] for r in group]
-      diverged = [r['config']['seed'] for r in group if r['final']['diverged']]
+      failed = [r['config']['seed'] for r in group if diverged(r)]
       rows.append(dict(
           learning_rate=rate, seeds=[r['config']['seed'] for r in group],
           runs=[r['name'] for r in group],
@@ -156,7 +167,7 @@ def summarize(results: list[dict], grids: dict[str, tuple[float, ...]]
               [f['validation_accuracy'] for f in finals]),
           train_loss=[f['train_loss'] for f in finals],
           train_loss_mean=_mean([f['train_loss'] for f in finals]),
-          diverged=bool(diverged), diverged_seeds=diverged,
+          diverged=bool(failed), diverged_seeds=failed,
           test_accuracy=[f['test_accuracy'] for f in finals],
           test_accuracy_mean=_mean([f['test_accuracy'] for f in finals])))
     best = select_best({row['learning_rate']: (
