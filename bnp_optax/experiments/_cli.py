@@ -28,6 +28,7 @@ from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _plot
 from bnp_optax.experiments import _suites
+from bnp_optax.experiments import _sweep
 from bnp_optax.experiments import _train
 
 
@@ -218,26 +219,82 @@ class _Planned:
   resume: bool = False
 
 
+def _grids(args, methods):
+  """``{method: rates}`` of a sweep (``--lr-grid``), or None."""
+  if not getattr(args, 'lr_grid', None):
+    if getattr(args, 'sweep_summary', None):
+      raise UsageError('--sweep-summary needs --lr-grid')
+    return None
+  if args.learning_rate is not None:
+    raise UsageError('--lr and --lr-grid exclude each other (the grid gives '
+                     'the rates)')
+  if args.validation_split is not None and not args.validation_split > 0:
+    raise UsageError('--lr-grid selects each rate on a held-out split: '
+                     '--validation-split must be > 0, got '
+                     f'{args.validation_split}')
+  try:
+    return _sweep.parse_grids(args.lr_grid, methods)
+  except _sweep.GridError as e:
+    raise UsageError(str(e)) from None
+
+
 def _configs(args, *, fixed, settings=None, method_settings=None,
              methods=None):
-  """One RunConfig per method and seed; each checked."""
+  """One RunConfig per method and seed (and rate, in a sweep); each checked.
+
+  Returns:
+    ``(configs, grids)``, ``grids`` the sweep's ``{method: rates}`` or None.
+  """
   methods = args.method or methods
   seeds = args.seed if args.seed is not None else [0]
   if not methods or not seeds:
     raise UsageError('no runs: empty --methods or --seeds')
+  grids = _grids(args, methods)
   configs = []
   for method in methods:
     base = dict(settings or {})
     base.update((method_settings or {}).get(method, {}))
-    for seed in seeds:
-      try:
-        config = _config.from_args(_config.RunConfig, args, base,
-                                   method=method, seed=seed, **fixed)
-        _config.check(config)
-      except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
-      configs.append(config)
-  return configs
+    rates = [None]
+    if grids is not None:
+      rates = grids[method]
+      if args.validation_split is None:
+        base['validation_split'] = _sweep.DEFAULT_VALIDATION_SPLIT
+    for rate in rates:
+      for seed in seeds:
+        given = dict(fixed, method=method, seed=seed)
+        if rate is not None:
+          given['learning_rate'] = rate
+        try:
+          config = _config.from_args(_config.RunConfig, args, base, **given)
+          _config.check(config)
+        except (ValueError, TypeError) as e:
+          raise UsageError(str(e)) from None
+        configs.append(config)
+  return configs, grids
+
+
+def _execute(configs, grids, options, out_dir, *, signals, plot_path,
+             title=None, sweep_summary=None):
+  """Trains the runs; for a sweep, selects and reports each method's rate."""
+  if grids is not None:
+    summary_path = pathlib.Path(sweep_summary) if sweep_summary else None
+    if summary_path is not None:
+      _check_output_file(summary_path, '--sweep-summary')
+  results = execute(configs, options, out_dir, signals=signals,
+                    plot_path=plot_path, title=title)
+  if grids is None:
+    return results
+  try:
+    summary = _sweep.summarize(results, grids)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if summary_path is None:
+    summary_path = out_dir / f'{_sweep.summary_name(summary)}.json'
+  write_json(summary_path, summary, replace=True)
+  print()
+  print(_sweep.format_table(summary))
+  print(f'sweep summary: {summary_path}')
+  return results
 
 
 def _options(args) -> _config.Options:
@@ -318,6 +375,11 @@ def _check_same_config(path, config):
                      'says; pass --overwrite to replace it')
 
 
+def _data_key(config):
+  """The fields that decide what data a run sees."""
+  return (config.train_subset, config.test_subset, config.validation_split)
+
+
 def _load_data(configs, options):
   try:
     ds = _data.load(configs[0].dataset, options.data_dir,
@@ -326,14 +388,14 @@ def _load_data(configs, options):
     raise UsageError(str(e)) from None
   prepared = {}
   for c in configs:
-    key = (c.train_subset, c.test_subset)
+    key = _data_key(c)
     if key not in prepared:
       try:
         prepared[key] = _train.prepare_data(c, ds)
       except (ValueError, _data.DataError) as e:
         raise UsageError(str(e)) from None
     try:
-      _train.prepare_data(c, prepared[key])  # Batch vs data, evaluations.
+      _train.check_data(c, prepared[key])  # Batch vs data, evaluations.
     except (ValueError, _data.DataError) as e:
       raise UsageError(str(e)) from None
   return prepared
@@ -345,7 +407,7 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
   planned = _plan(configs, options, out_dir, plot_path)
   prepared = _load_data(configs, options)
   signals.check()
-  first = prepared[(configs[0].train_subset, configs[0].test_subset)]
+  first = prepared[_data_key(configs[0])]
   created = not out_dir.exists()
   out_dir.mkdir(parents=True, exist_ok=True)
   locks = [_Lock(out_dir / f'.{p.path.stem}.lock') for p in planned
@@ -360,7 +422,9 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
       if created:
         shutil.rmtree(out_dir, ignore_errors=True)
       raise
-    print(f'{configs[0].dataset}: {len(first.x_train)} train / '
+    held_out = ('' if first.x_val is None else
+                f'{len(first.x_val)} held out for validation / ')
+    print(f'{configs[0].dataset}: {len(first.x_train)} train / {held_out}'
           f'{len(first.x_test)} test from {first.source}; {len(configs)} '
           f'run(s) -> {out_dir}', flush=True)
     progress = options.progress and sys.stdout.isatty()
@@ -380,7 +444,7 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
       if p.checkpoint is not None and not p.resume:
         shutil.rmtree(p.checkpoint, ignore_errors=True)
       result = _train.train(
-          config, prepared[(config.train_subset, config.test_subset)],
+          config, prepared[_data_key(config)],
           progress=progress, stop=signals, checkpoint_dir=p.checkpoint,
           resume=p.resume)
       t = result['timing']
@@ -423,9 +487,11 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
 
 def _cmd_run(args, signals):
   options = _options(args)
-  configs = _configs(args, fixed={}, methods=['vanilla', 'bn', 'bnp'])
-  execute(configs, options, pathlib.Path(options.out), signals=signals,
-          plot_path=options.plot)
+  configs, grids = _configs(args, fixed={},
+                            methods=['vanilla', 'bn', 'bnp'])
+  _execute(configs, grids, options, pathlib.Path(options.out),
+           signals=signals, plot_path=options.plot,
+           sweep_summary=args.sweep_summary)
 
 
 def _cmd_suite(args, signals):
@@ -438,15 +504,18 @@ def _cmd_suite(args, signals):
     raise UsageError(f'suite {suite.name} has no method(s) {unknown}; it '
                      f'compares {", ".join(suite.methods)}')
   options = _options(args)
-  configs = _configs(
+  configs, grids = _configs(
       args, fixed=dict(model=suite.model, dataset=suite.dataset,
                        batch_size=suite.batch_size),
       settings=dict(suite.settings, epochs=suite.epochs),
       method_settings=suite.method_settings, methods=list(suite.methods))
   out = pathlib.Path(options.out) / suite.name
-  plot_path = options.plot or out / f'{suite.name}.png'
-  execute(configs, options, out, signals=signals, plot_path=plot_path,
-          title=f'{suite.name}: {suite.figure}')
+  # A sweep's many curves make no useful figure: only with --plot.
+  plot_path = options.plot or (
+      None if grids is not None else out / f'{suite.name}.png')
+  _execute(configs, grids, options, out, signals=signals,
+           plot_path=plot_path, title=f'{suite.name}: {suite.figure}',
+           sweep_summary=args.sweep_summary)
 
 
 def _cmd_plot(args, signals):
@@ -502,6 +571,28 @@ _PLOT_NOTE = (
     'dataset and batch size.')
 
 
+_SWEEP_NOTE = (
+    'Learning-rate sweep: with --lr-grid, every method trains at every rate '
+    'of its grid (and every seed) on the training set minus a held-out '
+    'validation split (--validation-split, default '
+    f"{_sweep.DEFAULT_VALIDATION_SPLIT:g} with a grid), and each method's "
+    f'rate is selected: {_sweep.SELECTION_RULE}. A table of held-out '
+    'accuracy per rate and the selected rates is printed and written to a '
+    'JSON summary.')
+
+
+def _add_sweep_arguments(parser) -> None:
+  group = parser.add_argument_group('learning-rate sweep', _SWEEP_NOTE)
+  group.add_argument(
+      '--lr-grid', action='append', metavar='R1,R2,...', default=None,
+      help="rates to sweep, for every method ('0.01,0.1,1'), or for one "
+      "('bnp:0.1,1,10'; repeat the flag); excludes --lr")
+  group.add_argument(
+      '--sweep-summary', metavar='JSON', default=None,
+      help="where to write the sweep's summary (default: "
+      'OUT/sweep-MODEL-DATASET-bsN-HASH.json)')
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The parser, its training and output flags derived from _config."""
   parser = argparse.ArgumentParser(
@@ -517,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                             method='vanilla,bn,bnp'))
   _config.add_arguments(p.add_argument_group('data and output'),
                         _config.Options)
+  _add_sweep_arguments(p)
   p.set_defaults(func=_cmd_run)
   p = sub.add_parser('suite', help="run one of the paper's comparisons",
                      description="One of the paper's comparisons; its model, "
@@ -532,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
       defaults=dict(method="the suite's", epochs="the suite's"))
   _config.add_arguments(p.add_argument_group('data and output'),
                         _config.Options)
+  _add_sweep_arguments(p)
   p.set_defaults(func=_cmd_suite)
   p = sub.add_parser('plot', help='figure (PNG) from run JSON files',
                      description=_PLOT_NOTE)

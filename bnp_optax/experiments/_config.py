@@ -23,6 +23,7 @@ from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
+from bnp_optax.experiments import _qscale
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
 # Bumped when a field is added or its meaning changes: results of another
@@ -187,6 +188,23 @@ class RunConfig:
         self.batch_size, ghost_batch_size=bn4['ghost_batch_size'],
         group_norm_below=bn4['group_norm_below'],
         example_weight=bn4['example_weight'])
+
+  # Fields added after results were published: in a run's identity only
+  # when set, so that earlier runs keep their names.
+  validation_split: float = _field(
+      0.0, 'hold out this fraction of the training set (a fixed random '
+      'draw, before --train-subset) and train without it; each evaluation '
+      "stores its accuracy as validation_accuracy, the test set's as "
+      'test_accuracy; 0: no held-out split', check=_unit_interval,
+      omit_at_default=True)
+  bnp_q: str = _field(
+      'paper', "BNP's 1/q^2 scaling (experiment-only variants): paper; "
+      'no_conv: conv layers without it (rate eta*q^2 there); none: no '
+      'layer', choices=_qscale.Q_SCALINGS, omit_at_default=True)
+  bnp_debias: bool = _field(
+      False, "debias BNP's running statistics (scale_by_bnp(debias=True)): "
+      'remove the pull of their initial mean 0 and variance 1',
+      omit_at_default=True)
 
   def resolved_learning_rate(self) -> tuple[float, str]:
     """The learning rate and where it comes from."""
@@ -427,6 +445,12 @@ def check(config) -> None:
     if bn4_set and _methods.METHODS[config.method].norm != 'bn4':
       raise ValueError(f'{flag_of(_FIELDS[bn4_set[0]])} is for bn4 only, '
                        f'not {config.method}')
+    if config.bnp_q != 'paper' and not _methods.METHODS[config.method].bnp:
+      raise ValueError(f'--bnp-q {config.bnp_q} needs a BNP method, got '
+                       f'{config.method}')
+    if config.bnp_debias and not _methods.METHODS[config.method].bnp:
+      raise ValueError(f'--bnp-debias needs a BNP method, got '
+                       f'{config.method}')
     if config.conditioning_every and not (
         _methods.METHODS[config.method].bnp and config.model.startswith('fc')):
       raise ValueError('--conditioning-every needs a BNP method and an fc '

@@ -99,6 +99,9 @@ class Dataset:
     y_test: int32 labels.
     num_classes: number of classes.
     source: where it was read from.
+    x_val: uint8 images held out of the training set (:func:`hold_out`),
+      or None.
+    y_val: their int32 labels, or None.
   """
 
   name: str
@@ -108,6 +111,8 @@ class Dataset:
   y_test: np.ndarray
   num_classes: int
   source: str
+  x_val: np.ndarray | None = None
+  y_val: np.ndarray | None = None
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -474,3 +479,50 @@ def subset(ds: Dataset, train: int | None = None, test: int | None = None,
   ytr = ds.y_train if tr is None else ds.y_train[np.sort(tr)]
   return dataclasses.replace(ds, x_train=xtr, y_train=ytr,
                              x_test=ds.x_test[te], y_test=ds.y_test[te])
+
+
+def validation_indices(n_train: int, fraction: float,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The held-out and the remaining training indices, both sorted.
+
+  A fixed random draw (its own stream, independent of the run's seed and of
+  :func:`subset`), so every run of a sweep holds out the same examples.
+
+  Args:
+    n_train: the size of the full training set.
+    fraction: the share held out, in ``(0, 1)``.
+    seed: seed of the draw.
+
+  Returns:
+    ``(held_out, remaining)``, disjoint and covering ``range(n_train)``.
+
+  Raises:
+    DataError: the split would leave no held-out or no training example.
+  """
+  n_val = int(round(fraction * n_train))
+  if not 0 < n_val < n_train:
+    raise DataError(f'--validation-split {fraction} of {n_train} training '
+                    f'examples holds out {n_val}: it must leave at least one '
+                    'example on each side')
+  order = np.random.default_rng([seed, 3]).permutation(n_train)
+  return np.sort(order[:n_val]), np.sort(order[n_val:])
+
+
+def hold_out(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
+  """``ds`` with a held-out validation split taken from its training set.
+
+  Args:
+    ds: the full dataset (no split held out yet).
+    fraction: the share of the training set held out, in ``(0, 1)``.
+    seed: seed of the draw.
+
+  Returns:
+    The dataset with ``x_val, y_val`` the held-out examples and
+    ``x_train, y_train`` the rest; the test set unchanged.
+  """
+  if ds.x_val is not None:
+    raise DataError(f'{ds.name}: a validation split is already held out')
+  val, rest = validation_indices(len(ds.x_train), fraction, seed)
+  return dataclasses.replace(
+      ds, x_train=ds.x_train[rest], y_train=ds.y_train[rest],
+      x_val=ds.x_train[val], y_val=ds.y_train[val])

@@ -17,6 +17,14 @@ no layer: it is ``norm='none'`` (or ``'gn'`` for BNP+GN) with the BNP optimizer.
   convolutions with 32, 64 and 32 filters, ReLU, 2x2 max pooling after the
   first two, then Dense(64) and Dense(classes); Glorot-uniform weights, zero
   biases, normalisation after each hidden activation.
+- ``flax_mnist_cnn``: the CNN of Flax's linen MNIST example
+  (``examples/mnist/train.py`` up to flax 0.8): Conv(32, 3x3, SAME), ReLU,
+  2x2 average pooling, Conv(64, 3x3), ReLU, pooling, Dense(256), ReLU,
+  Dense(classes), with Flax's default initialisation (LeCun-normal kernels,
+  zero biases). The example trains it with ``optax.sgd(0.1, 0.9)`` at batch
+  size 128 on pixels / 255 (``--optimizer momentum --lr 0.1``). A
+  normalisation other than ``'none'`` comes after each hidden activation
+  (the example has none).
 - ``resnet110``: He et al. (2016a) CIFAR ResNet, 3 stages of 18 basic blocks
   (16, 32, 64 filters), conv-norm-ReLU, 1x1 projection shortcuts where the
   shape changes.
@@ -160,6 +168,27 @@ class CNN5(nn.Module):
                     bias_init=_zeros)(x)
 
 
+class FlaxMnistCNN(nn.Module):
+  """The CNN of Flax's linen MNIST example (conv 32-64, Dense 256)."""
+
+  norm: str = 'none'
+  num_classes: int = 10
+  train: bool = False
+  bn4: _bn4.BN4Settings | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool | None = None):
+    train = self.train if train is None else train
+    for features in (32, 64):
+      x = nn.relu(nn.Conv(features, (3, 3))(x))
+      x = _apply_norm(self.norm, train, x, gn_group_size=4, bn4=self.bn4)
+      x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(256)(x))
+    x = _apply_norm(self.norm, train, x, gn_group_size=4, bn4=self.bn4)
+    return nn.Dense(self.num_classes)(x)
+
+
 class _BasicBlock(nn.Module):
   """Post-activation basic block (He et al., 2016a)."""
 
@@ -261,7 +290,8 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=_glorot, bias_init=_zeros)(x)
 
 
-MODELS = ('fc', 'fc2', 'cnn5', 'resnet110', 'preact_resnet110', 'resnet18')
+MODELS = ('fc', 'fc2', 'cnn5', 'flax_mnist_cnn', 'resnet110',
+          'preact_resnet110', 'resnet18')
 
 
 def make_model(name: str, norm: str, num_classes: int, *,
@@ -293,6 +323,8 @@ def make_model(name: str, norm: str, num_classes: int, *,
                           hidden=(100, 100), bn4=bn4)
   if name == 'cnn5':
     return CNN5(norm=norm, num_classes=num_classes, bn4=bn4)
+  if name == 'flax_mnist_cnn':
+    return FlaxMnistCNN(norm=norm, num_classes=num_classes, bn4=bn4)
   if name in ('resnet110', 'preact_resnet110'):
     n = 18 if resnet_blocks is None else resnet_blocks
     return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(n, n, n),
