@@ -125,7 +125,8 @@ class RunConfig:
                                 'epoch, at most the steps per epoch',
                                 check=_at_least(1))
   steps_per_call: int | None = _field(
-      None, 'training steps per compiled call; none: about 1024 examples',
+      None, 'training steps per compiled call; none: about 1024 examples, '
+      'or 1 for a model with convolutions on CPU (a scan slows them ~9x)',
       check=_at_least(1))
   resnet_blocks: int | None = _field(
       None, 'blocks per stage of the CIFAR ResNets; none: 18 (ResNet-110)',

@@ -269,8 +269,35 @@ def versions() -> dict[str, str]:
   }
 
 
-def auto_steps_per_call(batch_size: int, steps_per_epoch: int) -> int:
-  """About 1024 examples per compiled call, at most an epoch."""
+# Models with convolutions. XLA's CPU backend runs a convolution inside a
+# while loop (the scan of several steps per call) about 9x slower than
+# outside one: cnn5 at batch 128 took 2.9 s per step in a scan of 8 and
+# 0.33 s with one step per call (2026-11-26, 2 CPU cores).
+CONV_MODELS = ('cnn5', 'flax_mnist_cnn', 'resnet110', 'preact_resnet110',
+               'resnet18')
+
+
+def auto_steps_per_call(batch_size: int, steps_per_epoch: int, *,
+                        model: str = 'fc',
+                        platform: str | None = None) -> int:
+  """Steps per compiled call when ``--steps-per-call`` is not given.
+
+  About 1024 examples per call, at most an epoch, so that Python dispatch
+  does not dominate small steps; but one step per call for a model with
+  convolutions on CPU, where a scan makes the convolutions slow.
+
+  Args:
+    batch_size: examples per step.
+    steps_per_epoch: steps in one epoch.
+    model: the model's name.
+    platform: the JAX backend (default: ``jax.default_backend()``).
+
+  Returns:
+    The number of steps per compiled call.
+  """
+  platform = platform or jax.default_backend()
+  if model in CONV_MODELS and platform == 'cpu':
+    return 1
   return max(1, min(steps_per_epoch, math.ceil(1024 / batch_size)))
 
 
@@ -413,7 +440,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   bs = config.batch_size
   n_train = len(ds.x_train)
   steps_per_epoch = n_train // bs
-  spc = config.steps_per_call or auto_steps_per_call(bs, steps_per_epoch)
+  spc = config.steps_per_call or auto_steps_per_call(
+      bs, steps_per_epoch, model=config.model)
   spc = min(spc, steps_per_epoch)
   if config.conditioning_every:
     spc = 1  # The diagnostics look at every step's batch.
