@@ -45,7 +45,15 @@ def test_every_experiment_has_command_figure_numbers_verdict(experiment):
   page = PAGE.read_text()
   section = _section(page, experiment)
   assert '**Setting.**' in section and '**Claim.**' in section
+  assert not re.search(r'VERDICT_|CUT_|TODO|TBD', section)
   assert re.search(r'```bash\n(python|bash) ', section), 'no command'
+  verdict = re.search(r'\*\*Verdict: (reproduced|partly reproduced|not '
+                      r'reproduced|not run)\.?\*\*', section)
+  assert verdict, 'no verdict'
+  if verdict.group(1) == 'not run':
+    # Only where the data cannot be had here; the section says why.
+    assert 'not on this machine' in section
+    return
   figures = re.findall(r'!\[[^\]]*\]\((_static/[^)]+\.png)\)', section)
   assert figures, 'no figure'
   for figure in figures:
@@ -54,10 +62,6 @@ def test_every_experiment_has_command_figure_numbers_verdict(experiment):
       rf'<!-- BEGIN numbers {experiment} -->\n(.*?)<!-- END numbers', section,
       re.S)
   assert numbers and '|' in numbers.group(1), 'no numbers table'
-  verdict = re.search(r'\*\*Verdict: (reproduced|partly reproduced|not '
-                      r'reproduced|not run)\.?\*\*', section)
-  assert verdict, 'no verdict'
-  assert not re.search(r'VERDICT_|CUT_|TODO|TBD', section)
 
 
 def test_every_committed_run_is_in_the_report(build):
