@@ -134,6 +134,9 @@ def conditioning_table(results: list[dict]) -> str:
         ('kappa(D)', s['kappa_d']),
         ('kappa(D)^2', s['kappa_d'] ** 2),
         ('improvement kappa(H) / kappa(P^T H P)', s['improvement']),
+        ('kappa(D) with eps1 = eps2 = 0', s['kappa_d_eps0']),
+        ('improvement with eps1 = eps2 = 0',
+         s['kappa_hessian'] / s['kappa_preconditioned_eps0']),
     ]
     for name, v in quantities:
       q = np.nanpercentile(v, [5, 50, 95])
