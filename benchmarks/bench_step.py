@@ -20,8 +20,9 @@ all variants alike. Every variant sees the same input batch. Reported:
   of the process CPU time (``time.process_time``, all threads), which other
   jobs on a shared machine disturb much less;
 - compile time: tracing + lowering (``jit(f).lower``) and XLA compilation
-  (``.compile()``) timed separately, median over ``--compile-reps`` fresh
-  compilations (``jax.clear_caches()`` before each);
+  (``.compile()``) timed separately, and the process CPU time of both,
+  median over ``--compile-reps`` fresh compilations (``jax.clear_caches()``
+  before each);
 - memory: XLA's buffer assignment for the compiled step
   (``compiled.memory_analysis()``: arguments, outputs, aliased (donated)
   bytes, temporaries); ``peak_bytes = argument + output - alias + temp`` is
@@ -329,18 +330,20 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
   # Compile time: fresh traces and compilations, interleaved.
   lower_s = {n: [] for n in variants}
   compile_s = {n: [] for n in variants}
+  compile_cpu_s = {n: [] for n in variants}
   compiled = {}
   for _ in range(compile_reps):
     for name in variants:
       jax.clear_caches()
       fn = jax.jit(steps_fns[name], donate_argnums=0)
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       lowered = fn.lower(states[name], x, y)
       t1 = time.perf_counter()
       compiled[name] = lowered.compile()
-      t2 = time.perf_counter()
+      t2, c2 = time.perf_counter(), time.process_time()
       lower_s[name].append(t1 - t0)
       compile_s[name].append(t2 - t1)
+      compile_cpu_s[name].append(c2 - c0)
 
   result = {'case': case.name, 'batch_size': case.batch_size,
             'input_shape': list(case.input_shape), 'variants': {}}
@@ -356,6 +359,9 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
     result['variants'][name] = {
         'lower_s': pystats.median(lower_s[name]),
         'compile_s': pystats.median(compile_s[name]),
+        # Process CPU time of lowering + compiling: on a shared machine the
+        # wall time also counts the waits for a core.
+        'compile_cpu_s': pystats.median(compile_cpu_s[name]),
         'memory': _memory(c),
         'cost': _cost(c),
         'hlo': hlo_summary(text),
@@ -421,6 +427,7 @@ def _ratios(times, v, cpu_times=None) -> dict[str, Any]:
           if cpu_times else math.nan,
           'compile': (v[a]['lower_s'] + v[a]['compile_s'])
           / (v[b]['lower_s'] + v[b]['compile_s']),
+          'compile_cpu': v[a]['compile_cpu_s'] / v[b]['compile_cpu_s'],
       }
   if {'sgd', 'bn'} <= set(names):
     bn_over = v['bn']['median_ms'] - v['sgd']['median_ms']
@@ -470,7 +477,8 @@ def print_table(results, info) -> None:
       if isinstance(q, dict):
         print(f"{'':<8}{k:<20} median ratio {q['of_medians']:.3f}, paired "
               f"{q['paired']:.3f}, p10 {q['of_p10']:.3f}, CPU time paired "
-              f"{q['paired_cpu']:.3f}, compile {q['compile']:.2f}")
+              f"{q['paired_cpu']:.3f}, compile {q['compile']:.2f} (CPU "
+              f"time {q['compile_cpu']:.2f})")
       else:
         print(f"{'':<8}{k:<20} {q:.3f}")
     print()
