@@ -116,12 +116,17 @@ def _data_shift(rows: jax.Array) -> jax.Array:
   stored values, so every fusion that subtracts them subtracts the same
   numbers.
   """
+  if _sharded_across_rows(rows):
+    return jnp.max(rows, axis=0)
+  return rows[0]
+
+
+def _sharded_across_rows(rows: jax.Array) -> bool:
+  """Whether ``rows`` has an explicit sharding that splits its rows."""
   typeof = getattr(jax, 'typeof', None)
   spec = getattr(getattr(typeof(rows), 'sharding', None), 'spec', None) if (
       typeof) else None
-  if spec and spec[0] is not None:
-    return jnp.max(rows, axis=0)
-  return rows[0]
+  return bool(spec) and spec[0] is not None
 
 
 def _shifted_two_pass(
@@ -180,15 +185,12 @@ def _fold_factor(rows: jax.Array) -> int:
   0.53 -> 0.47 ms; 64 columns folded in two were slower (0.29 -> 0.32 ms),
   so they are not folded (``benchmarks/RESULTS.md``). Only the order of the
   additions differs. The factor is the largest power of two ``k`` that
-  divides the rows, keeps ``k * columns <= 96`` and
-  leaves more than ``_CPU_GEMV_MAX_ROWS`` rows; ``1`` for a batch sharded
-  across its rows, which a reshape could move between devices.
+  divides the rows, keeps ``k * columns <= 96`` and leaves more than
+  ``_CPU_GEMV_MAX_ROWS`` rows; ``1`` for a batch sharded across its rows,
+  which a reshape could move between devices.
   """
   count, columns = rows.shape
-  typeof = getattr(jax, 'typeof', None)
-  spec = getattr(getattr(typeof(rows), 'sharding', None), 'spec', None) if (
-      typeof) else None
-  if spec and spec[0] is not None:
+  if _sharded_across_rows(rows):
     return 1
   k = 1
   while (2 * k * columns <= _CPU_FOLDED_COLUMNS and count % (2 * k) == 0
