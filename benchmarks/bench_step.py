@@ -16,10 +16,13 @@ all variants alike. Every variant sees the same input batch. Reported:
 
 - median, 10th and 90th percentile of the step time;
 - ``BNP/SGD`` and ``BNP/BN``: the ratio of the medians, and the median of the
-  per-round ratios (paired, the less noisy of the two);
+  per-round ratios (paired, the less noisy of the two), of the wall time and
+  of the process CPU time (``time.process_time``, all threads), which other
+  jobs on a shared machine disturb much less;
 - compile time: tracing + lowering (``jit(f).lower``) and XLA compilation
-  (``.compile()``) timed separately, median over ``--compile-reps`` fresh
-  compilations (``jax.clear_caches()`` before each);
+  (``.compile()``) timed separately, and the process CPU time of both,
+  median over ``--compile-reps`` fresh compilations (``jax.clear_caches()``
+  before each);
 - memory: XLA's buffer assignment for the compiled step
   (``compiled.memory_analysis()``: arguments, outputs, aliased (donated)
   bytes, temporaries); ``peak_bytes = argument + output - alias + temp`` is
@@ -158,6 +161,33 @@ def bnp_variant(case, vanilla, bn_vars):
   return step, (vanilla, tx.init(vanilla))
 
 
+def sgd_stats_variant(case, vanilla, bn_vars):
+  """SGD that also takes BNP's statistics and returns them, unused.
+
+  For attribution: ``sgdstats - sgd`` is what capturing the statistics
+  costs, ``bnp - sgdstats`` the running averages and the preconditioning.
+  """
+  del bn_vars
+  model = case.model(batch_norm=False)
+  tx = optax.sgd(LEARNING_RATE)
+
+  def step(state, x, y):
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits, layer_stats = bnp_optax.linen.apply(model, {'params': p}, x)
+      return cross_entropy(logits, y), layer_stats
+
+    (loss, layer_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), (
+        loss, layer_stats)
+
+  return step, (vanilla, tx.init(vanilla))
+
+
 def bn_variant(case, vanilla, bn_vars):
   del vanilla
   model = case.model(batch_norm=True)
@@ -187,6 +217,7 @@ VARIANTS: dict[str, Callable[..., Any]] = {
     'sgd': sgd_variant,
     'bnp': bnp_variant,
     'bn': bn_variant,
+    'sgdstats': sgd_stats_variant,
 }
 
 
@@ -306,18 +337,20 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
   # Compile time: fresh traces and compilations, interleaved.
   lower_s = {n: [] for n in variants}
   compile_s = {n: [] for n in variants}
+  compile_cpu_s = {n: [] for n in variants}
   compiled = {}
   for _ in range(compile_reps):
     for name in variants:
       jax.clear_caches()
       fn = jax.jit(steps_fns[name], donate_argnums=0)
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       lowered = fn.lower(states[name], x, y)
       t1 = time.perf_counter()
       compiled[name] = lowered.compile()
-      t2 = time.perf_counter()
+      t2, c2 = time.perf_counter(), time.process_time()
       lower_s[name].append(t1 - t0)
       compile_s[name].append(t2 - t1)
+      compile_cpu_s[name].append(c2 - c0)
 
   result = {'case': case.name, 'batch_size': case.batch_size,
             'input_shape': list(case.input_shape), 'variants': {}}
@@ -333,13 +366,16 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
     result['variants'][name] = {
         'lower_s': pystats.median(lower_s[name]),
         'compile_s': pystats.median(compile_s[name]),
+        # Process CPU time of lowering + compiling: on a shared machine the
+        # wall time also counts the waits for a core.
+        'compile_cpu_s': pystats.median(compile_cpu_s[name]),
         'memory': _memory(c),
         'cost': _cost(c),
         'hlo': hlo_summary(text),
         'opt_state_floats': _float_count(opt_state),
         'param_floats': _float_count(states[name][0]),
     }
-    if name not in ('sgd', 'bn'):  # a BNP variant
+    if name not in ('sgd', 'bn', 'sgdstats'):  # a BNP variant
       expected = _expected_bnp_floats(vanilla)
       got = _float_count(opt_state)
       result['variants'][name]['opt_state_expected_floats'] = expected
@@ -355,28 +391,31 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
       live[name], loss = jitted[name](live[name], x, y)
       jax.block_until_ready((live[name], loss))
   times = {n: [] for n in variants}
+  cpu_times = {n: [] for n in variants}
   order = list(variants)
   for r in range(steps):
     rot = order[r % len(order):] + order[: r % len(order)]
     for name in rot:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       live[name], loss = jitted[name](live[name], x, y)
       jax.block_until_ready((live[name], loss))
       times[name].append(time.perf_counter() - t0)
+      cpu_times[name].append(time.process_time() - c0)
   for name in variants:
     t = np.asarray(times[name])
     v = result['variants'][name]
     v['median_ms'] = float(np.median(t) * 1e3)
+    v['cpu_median_ms'] = float(np.median(cpu_times[name]) * 1e3)
     v['p10_ms'] = float(np.percentile(t, 10) * 1e3)
     v['p90_ms'] = float(np.percentile(t, 90) * 1e3)
     # One trace and compilation for all the steps: no per-step Python work
     # beyond the dispatch of one executable.
     v['jit_cache_size'] = int(jitted[name]._cache_size())
-  result['ratios'] = _ratios(times, result['variants'])
+  result['ratios'] = _ratios(times, result['variants'], cpu_times)
   return result
 
 
-def _ratios(times, v) -> dict[str, Any]:
+def _ratios(times, v, cpu_times=None) -> dict[str, Any]:
   out = {}
   names = list(times)
   for a in names:
@@ -388,8 +427,14 @@ def _ratios(times, v) -> dict[str, Any]:
           'of_medians': float(np.median(ta) / np.median(tb)),
           'paired': float(np.median(ta / tb)),
           'of_p10': float(np.percentile(ta, 10) / np.percentile(tb, 10)),
+          # Process CPU time (all threads) of the step: what the other jobs
+          # of a shared machine disturb least.
+          'paired_cpu': float(np.median(
+              np.asarray(cpu_times[a]) / np.asarray(cpu_times[b])))
+          if cpu_times else math.nan,
           'compile': (v[a]['lower_s'] + v[a]['compile_s'])
           / (v[b]['lower_s'] + v[b]['compile_s']),
+          'compile_cpu': v[a]['compile_cpu_s'] / v[b]['compile_cpu_s'],
       }
   if {'sgd', 'bn'} <= set(names):
     bn_over = v['bn']['median_ms'] - v['sgd']['median_ms']
@@ -438,8 +483,9 @@ def print_table(results, info) -> None:
     for k, q in r['ratios'].items():
       if isinstance(q, dict):
         print(f"{'':<13}{k:<20} median ratio {q['of_medians']:.3f}, paired "
-              f"{q['paired']:.3f}, p10 {q['of_p10']:.3f}, compile "
-              f"{q['compile']:.2f}")
+              f"{q['paired']:.3f}, p10 {q['of_p10']:.3f}, CPU time paired "
+              f"{q['paired_cpu']:.3f}, compile {q['compile']:.2f} (CPU "
+              f"time {q['compile_cpu']:.2f})")
       else:
         print(f"{'':<13}{k:<20} {q:.3f}")
     print()

@@ -79,3 +79,40 @@ def test_feature_axes_keep_several_axes_in_their_order():
     np.testing.assert_allclose(stats.mean, want.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats.variance, want.var(0), rtol=1e-12)
   assert float(stats.batch_size) == 20
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('shape', [
+    (8192, 3),  # tall, few channels: folded 32 rows at a time
+    (4096, 16),  # folded 4 at a time
+    (520, 3),  # folded only until 130 rows are left
+    (130, 3),  # short: never folded
+    (8192, 64),  # wide enough: never folded
+])
+def test_folded_column_sums_give_the_statistics_of_the_plain_path(
+    dtype, shape):
+  # statistics._fold_factor: on CPU, tall inputs with few columns are summed
+  # as (rows / k, k * columns). Same algorithm, other order of additions.
+  from bnp_optax._src import statistics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  x64 = 1e6 + rng.standard_normal(shape)
+  with jax.enable_x64(dtype == np.float64):
+    x = jnp.asarray(x64, dtype)
+    fold = statistics._fold_factor(x)  # pylint: disable=protected-access
+    assert (fold > 1) == (shape[0] > 256 and shape[1] < 64)
+    two_pass = jax.jit(
+        statistics._shifted_two_pass_folded,  # pylint: disable=protected-access
+        static_argnums=1)
+    folded, plain = two_pass(x, fold), two_pass(x, 1)
+    public = jax.jit(bnp_optax.input_statistics)(x)
+    exact = np.asarray(x, np.float64)
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    atol = 1e-6 if dtype == np.float32 else 1e-8  # the mean is 1e6
+    for mean, residual, variance in (folded, plain, (
+        public.mean, public.mean_residual, public.variance)):
+      assert variance.dtype == dtype
+      np.testing.assert_allclose(variance, exact.var(0), rtol=rtol)
+      np.testing.assert_allclose(
+          np.asarray(mean, np.float64) + np.asarray(residual, np.float64),
+          exact.mean(0), rtol=0, atol=atol)
+    np.testing.assert_allclose(folded[2], plain[2], rtol=rtol)

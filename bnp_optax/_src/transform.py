@@ -282,6 +282,34 @@ def debiased(
   )
 
 
+def _absorbed_sum(
+    view: layout.KernelView, scaled_mean: jax.Array, g_w: jax.Array
+) -> jax.Array:
+  """``sum_{window, fan-in} (mu / s) G_w``, indexed like the bias.
+
+  Without a window (Dense) a contraction, which XLA:CPU runs as a library
+  GEMV. With one (convolutions) a fused multiply-and-reduce over the window
+  and fan-in axes: XLA:CPU emits a convolution's kernel gradient in
+  ``(c_in, *window, c_out)`` order, and the contraction ``c,abcd->d`` made it
+  copy that gradient into the kernel's layout and then sum the window in a
+  reduction several times slower than the copy (+47 ms against +3 ms for a
+  3x3x512x512 kernel, ``benchmarks/RESULTS.md``); the fused reduction reads
+  the gradient once, where it lies.
+  """
+  if not view.spatial:
+    letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view.shape)]
+    return jnp.einsum(
+        ''.join(letters[p] for p in view.statistics_axes) + ',' + letters
+        + '->' + ''.join(letters[p] for p in view.bias_axes),
+        scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
+    )
+  kept = sorted(view.bias_axes)
+  summed = tuple(a for a in range(len(view.shape)) if a not in kept)
+  product = view.place(scaled_mean, view.statistics_axes) * g_w
+  return jnp.transpose(jnp.sum(product, axis=summed),
+                       [kept.index(a) for a in view.bias_axes])
+
+
 def precondition_layer(
     kernel_grad: jax.Array,
     bias_grad: jax.Array | None,
@@ -342,12 +370,7 @@ def precondition_layer(
   # G_w' = (G_w - mu G_b) / s, so the sum is
   # sum mu/s G_w  -  G_b |window| sum_{fan-in} mu^2/s, a contraction.
   scaled_mean = mean * inverse_stats
-  letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view.shape)]
-  absorbed = jnp.einsum(
-      ''.join(letters[p] for p in view.statistics_axes) + ',' + letters
-      + '->' + ''.join(letters[p] for p in view.bias_axes),
-      scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
-  )
+  absorbed = _absorbed_sum(view, scaled_mean, g_w)
   mean_square = view.window_size * jnp.sum(
       mean * scaled_mean, axis=fan_in_dims)
   absorbed = absorbed - mean_square.reshape(

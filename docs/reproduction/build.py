@@ -245,7 +245,7 @@ _MARKER = re.compile(
 
 def render(page: str, generated: dict[str, str]) -> str:
   """``page`` with every marked block replaced by its generated text."""
-  missing = set(generated) - set(m['id'] for m in _MARKER.finditer(page))
+  missing = set(generated) - {m['id'] for m in _MARKER.finditer(page)}
   if missing:
     raise ValueError(f'{PAGE.name} lacks markers for {sorted(missing)}')
 
