@@ -1,0 +1,27 @@
+"""Tables in benchmarks/RESULTS.md are what their committed JSON gives."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(
+      name, ROOT / 'benchmarks' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_scaling_table_matches_its_json():
+  assert _load('scaling_table').main(['--check']) == 0
+
+
+def test_scaling_table_covers_the_growth_axes():
+  module = _load('scaling_table')
+  cases = [c for c, _ in module.ORDER]
+  # MLP width 100 -> 4096, batch 1 -> 512, CNN batch 2 -> 256.
+  for case in ('fc60', 'fc60w4096', 'fc1', 'fc512', 'cnn2', 'cnn256',
+               'cnn128same', 'resnet18'):
+    assert case in cases
