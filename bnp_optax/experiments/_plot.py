@@ -23,6 +23,7 @@ from bnp_optax.experiments import _train
 _COLOURS = {
     'vanilla': '#1f77b4', 'bn': '#d62728', 'renorm': '#9467bd',
     'ln': '#2ca02c', 'gn': '#8c564b', 'bnp': '#ff7f0e', 'bnp_gn': '#e377c2',
+    'bn4': '#17becf',
 }
 _CYCLE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b',
           '#e377c2', '#7f7f7f', '#bcbd22', '#17becf')
