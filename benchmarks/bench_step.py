@@ -319,13 +319,21 @@ def _cost(compiled) -> dict[str, float]:
   return {k: float(c[k]) for k in ('flops', 'bytes accessed') if k in c}
 
 
-def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
-  key = jax.random.key(seed)
-  kx, ky, kp = jax.random.split(key, 3)
+def case_inputs(case, seed: int = 0):
+  """A case's batch ``(x, y)``, vanilla parameters and BatchNorm variables.
+
+  The same initial parameters for every variant, from ``seed``.
+  """
+  kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(kx, (case.batch_size, *case.input_shape), jnp.float32)
   y = jax.random.randint(ky, (case.batch_size,), 0, 10)
   vanilla = case.model(batch_norm=False).init(kp, x)['params']
   bn_vars = case.model(batch_norm=True).init(kp, x)
+  return x, y, vanilla, bn_vars
+
+
+def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
+  x, y, vanilla, bn_vars = case_inputs(case, seed)
 
   steps_fns, states, jitted = {}, {}, {}
   for name in variants:

@@ -74,11 +74,7 @@ def main(argv=None):
   p.add_argument('--top', type=int, default=8)
   args = p.parse_args(argv)
   case = bench_step._cases(False, None)[args.case]  # pylint: disable=protected-access
-  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, (case.batch_size, *case.input_shape))
-  y = jax.random.randint(ky, (case.batch_size,), 0, 10)
-  vanilla = case.model(batch_norm=False).init(kp, x)['params']
-  bn_vars = case.model(batch_norm=True).init(kp, x)
+  x, y, vanilla, bn_vars = bench_step.case_inputs(case)
   compiled, states, names = {}, {}, {}
   for v in args.variants:
     step, states[v] = bench_step.VARIANTS[v](case, vanilla, bn_vars)
