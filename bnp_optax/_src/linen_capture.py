@@ -13,11 +13,13 @@ is kept.
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import functools
+import threading
 from typing import Any
 
 import flax.linen as nn
 from flax.training import train_state
 import jax
+import jax.numpy as jnp
 import optax
 
 from bnp_optax._src import capture
@@ -117,10 +119,14 @@ def _record_input_statistics(next_fun, args, kwargs, context):
         f'bnp_optax: layer {module_name(module)!r} runs inside a lifted '
         'transform (nn.scan, nn.vmap, ...) that does not carry the '
         f'{COLLECTION!r} collection, so its statistics would be lost. Add '
-        f"it to the transform's variable_axes, e.g. variable_axes={{'params': "
-        f"0, {COLLECTION!r}: 0}} (bnp_optax.linen.COLLECTION); each slice "
-        'is then preconditioned as a layer of its own.'
+        f"it to the transform's variable_axes as {{{COLLECTION!r}: 0}} "
+        '(bnp_optax.linen.COLLECTION), beside the parameters: stacked '
+        "parameters (variable_axes={'params': 0, ...}) are then "
+        'preconditioned one slice per layer, and parameters shared by every '
+        "step (variable_broadcast='params') get the statistics of all the "
+        'steps merged, as a layer called several times.'
     )
+  _record_kernel_ndim(module)
   stats = layer_type.statistics(module, args, kwargs, outputs)
   module.sow(COLLECTION, _SOW_NAME, capture.checked(stats, module_name(module)))
   return outputs
@@ -154,6 +160,68 @@ def intercept_layer(
     yield
 
 
+# While apply() runs: the number of axes of each layer's kernel as the layer
+# itself sees it ({path: ndim}). Inside nn.scan/nn.vmap a stacked kernel is
+# seen sliced (fewer axes than in the variables), a broadcast one whole.
+_kernel_ndims = threading.local()
+
+
+def _record_kernel_ndim(module: nn.Module) -> None:
+  seen = getattr(_kernel_ndims, 'value', None)
+  if seen is None:
+    return
+  kernel = module.variables.get('params', {}).get(layers_lib.KERNEL)
+  if kernel is not None:
+    seen[module_name(module)] = jnp.ndim(kernel)
+
+
+@contextlib.contextmanager
+def _recording_kernel_ndims() -> Iterator[dict[str, int]]:
+  outer = getattr(_kernel_ndims, 'value', None)
+  _kernel_ndims.value = {}
+  try:
+    yield _kernel_ndims.value
+  finally:
+    _kernel_ndims.value = outer
+
+
+def _slices(stats: statistics.LayerStats) -> list[statistics.LayerStats]:
+  """Statistics stacked along leading axes, one ``LayerStats`` a slice."""
+  lead = stats.count.ndim
+  flat = jax.tree.map(
+      lambda a: a.reshape((-1,) + a.shape[lead:]), stats)
+  return [jax.tree.map(lambda a, i=i: a[i], flat)
+          for i in range(flat.count.shape[0])]
+
+
+def _lifted(stats: statistics.LayerStats, name: str, kernel_ndim: int | None,
+            inner_ndim: int | None) -> list[statistics.LayerStats]:
+  """Statistics sown under nn.scan/nn.vmap, as the layer's parameters are.
+
+  The transform stacks the statistics along one leading axis per lifted
+  transform. A kernel stacked the same way (``variable_axes={'params':
+  0}``) is one layer per slice (:func:`_unstack`); a kernel broadcast to
+  every step (``variable_broadcast='params'``, weight sharing) is one layer
+  called at every step, whose statistics are merged exactly.
+  """
+  lead = stats.count.ndim
+  if lead == 0 or kernel_ndim is None or inner_ndim is None:
+    return [_unstack(stats)]
+  stacked = kernel_ndim - inner_ndim
+  if stacked == lead:
+    return [_unstack(stats)]
+  if stacked == 0:
+    return _slices(stats)
+  raise NotImplementedError(
+      f'bnp_optax: layer {name!r} runs inside {lead} nested lifted '
+      f'transforms that stack its kernel along {stacked} of them and share '
+      'it across the others; only all stacked (variable_axes) or all '
+      "shared (variable_broadcast='params') is supported. Use "
+      'bnp_optax.tracing.apply(model.apply, variables, x) instead, which '
+      'handles both.'
+  )
+
+
 def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
   """Statistics stacked by nn.scan/nn.vmap: one independent layer a slice.
 
@@ -179,7 +247,9 @@ def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
       positions=stats.positions.mean(axes), spec=spec)
 
 
-def _collect(tree: Mapping[str, Any]) -> Any:
+def _collect(tree: Mapping[str, Any], params: Any,
+             inner_ndims: Mapping[str, int], path: tuple[str, ...] = ()
+             ) -> Any:
   """Turns the sown collection into ``{name: {...: LayerStats}}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
@@ -189,10 +259,17 @@ def _collect(tree: Mapping[str, Any]) -> Any:
   for key, value in tree.items():
     if key == _SOW_NAME:
       continue
-    result[key] = _collect(value)
+    result[key] = _collect(
+        value, params.get(key, {}) if isinstance(params, Mapping) else {},
+        inner_ndims, path + (key,))
   if _SOW_NAME in tree:
-    merged = statistics.merge_statistics(
-        [_unstack(s) for s in tree[_SOW_NAME]])
+    name = layers_lib.path_to_str(path)
+    kernel = (params.get(layers_lib.KERNEL)
+              if isinstance(params, Mapping) else None)
+    kernel_ndim = None if kernel is None else jnp.ndim(kernel)
+    merged = statistics.merge_statistics([
+        piece for s in tree[_SOW_NAME]
+        for piece in _lifted(s, name, kernel_ndim, inner_ndims.get(name))])
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
@@ -303,15 +380,18 @@ def apply(
     collections = [mutable, COLLECTION]
   else:
     collections = list(mutable) + [COLLECTION]
-  with nn.intercept_methods(_record_input_statistics):
+  with (nn.intercept_methods(_record_input_statistics),
+        _recording_kernel_ndims() as inner_ndims):
     output, mutated = model.apply(
         variables, *args, mutable=collections, **kwargs
     )
   mutated = dict(mutated)
   sown = mutated.pop(COLLECTION, {})
+  params = (variables.get('params', {}) if isinstance(variables, Mapping)
+            else {})
   # When the model itself is a Dense/Conv layer this is a bare LayerStats,
   # at the root like its parameters.
-  layer_stats = _collect(sown)
+  layer_stats = _collect(sown, params, inner_ndims)
   if axis_name is not None:
     layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
   if mutable is False or mutable is None:
