@@ -121,17 +121,42 @@ def test_linear_general_and_grouped_conv_need_and_get_layer_specs():
   assert losses[-1] < losses[0]
 
 
-def test_conv_transpose_is_refused_by_name():
+def test_conv_transpose_is_passed_through_with_its_reason():
   class Up(nnx.Module):
     def __init__(self, rngs):
-      self.up = nnx.ConvTranspose(2, 2, (3, 3), rngs=rngs)
+      self.conv = nnx.Conv(2, 2, (3, 3), rngs=rngs)
+      self.up = nnx.ConvTranspose(2, 2, (3, 3), strides=2, rngs=rngs)
 
     def __call__(self, x):
-      return self.up(x)
+      return self.up(nnx.relu(self.conv(x)))
 
-  with pytest.raises(NotImplementedError, match=re.escape(
-      "layer 'up' is a ConvTranspose, which BNP does not support")):
-    bnp_optax.nnx.apply(Up(nnx.Rngs(0)), jnp.ones((1, 4, 4, 2)))
+  model = Up(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2)) + 3
+  optimizer = nnx.Optimizer(model, bnp_optax.bnp(0.1), wrt=nnx.Param)
+
+  def loss_fn(model):
+    out, layer_stats = bnp_optax.nnx.apply(model, x)
+    return jnp.mean(out ** 2), layer_stats
+
+  (_, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  assert isinstance(stats['up'], bnp_optax.NotPreconditioned)
+  params = nnx.state(model, nnx.Param)
+  coverage = bnp_optax.describe_coverage(params, stats)
+  assert coverage['up/kernel'].startswith(
+      'pass-through: a ConvTranspose, which BNP does not precondition (a '
+      'transposed convolution sees a zero-dilated input)')
+  assert coverage['conv/kernel'] == 'conv kernel'
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  optimizer.update(model, grads, layer_stats=stats)
+  after = nnx.state(model, nnx.Param)
+  # SGD on the transposed conv, BNP on the conv.
+  np.testing.assert_allclose(
+      after['up']['kernel'][...],
+      before['up']['kernel'][...] - 0.1 * grads['up']['kernel'][...],
+      rtol=1e-6)
+  assert not np.allclose(
+      after['conv']['kernel'][...],
+      before['conv']['kernel'][...] - 0.1 * grads['conv']['kernel'][...])
 
 
 def test_layer_outside_the_model_is_an_error():

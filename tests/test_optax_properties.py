@@ -194,10 +194,13 @@ def test_parameters_without_statistics_pass_through():
   assert not np.allclose(updates['Dense_0']['kernel'],
                          grads['Dense_0']['kernel'])
   coverage = bnp_optax.describe_coverage(params, stats)
+  # The 2-D embedding table is kernel-like: the coverage says why it is not
+  # preconditioned.
+  assert coverage.pop('Embed_0/embedding').startswith(
+      'pass-through: a parameter of Embed, which is not a registered layer')
   assert coverage == {
       'Dense_0/bias': 'dense bias',
       'Dense_0/kernel': 'dense kernel',
-      'Embed_0/embedding': 'pass-through',
       'LayerNorm_0/bias': 'pass-through',
       'LayerNorm_0/scale': 'pass-through',
   }

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 
+from bnp_optax._src import layers as layers_lib
 from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
@@ -161,10 +162,23 @@ class LayerType:
       only inside ``apply``) and reads the ``spec`` recorded with the
       statistics, which the built-in statistics functions take from the
       same attributes.
+    refused: why the type is not preconditioned, or ``None``. A refused
+      layer is passed through: the integrations record a
+      :class:`~bnp_optax.NotPreconditioned` note for it instead of
+      statistics (``statistics`` then raises if called).
   """
 
   statistics: StatisticsFn
   layout: LayoutFn | None = None
+  refused: str | None = None
+
+  def note(self, module: Any, framework: str) -> Any:
+    """The ``NotPreconditioned`` note of a refused layer."""
+    return layers_lib.NotPreconditioned(
+        f'a {type(module).__name__}, which BNP does not precondition '
+        f'({self.refused}); its gradient is left unchanged. To precondition '
+        f'it, register statistics for it with bnp_optax.{framework}.'
+        'register_layer.')
 
 
 def dense_layer() -> LayerType:
@@ -273,7 +287,7 @@ class LayerRegistry:
     return [t for t, _ in self._entries]
 
   def unsupported(self, reason: str) -> LayerType:
-    """A layer type that refuses the layer, naming it, and has no layout."""
+    """A refused layer type: passed through with ``reason``, no layout."""
     def refuse(module, args, kwargs, outputs):
       del args, kwargs, outputs
       raise NotImplementedError(
@@ -282,7 +296,7 @@ class LayerRegistry:
           'exclude it from BNP with optax.masked, or register statistics for '
           f'it with bnp_optax.{self._framework}.register_layer.'
       )
-    return LayerType(refuse, None)
+    return LayerType(refuse, None, reason)
 
 
 def checked(stats: Any, name: str) -> statistics.LayerStats:

@@ -112,7 +112,14 @@ def _record_input_statistics(next_fun, args, kwargs, context):
   if context.method_name == '__call__':
     layer_type = _REGISTRY.lookup(module)
   outputs = next_fun(*args, **kwargs)
-  if layer_type is None or module.is_initializing():
+  if module.is_initializing():
+    return outputs
+  if layer_type is None:
+    if _REGISTRY.lookup(module) is None:
+      _record_raw_parameters(module)
+    return outputs
+  if layer_type.refused is not None:
+    _record_note(tuple(module.path), layer_type.note(module, 'linen'))
     return outputs
   if not module.is_mutable_collection(COLLECTION):
     raise ValueError(
@@ -160,29 +167,103 @@ def intercept_layer(
     yield
 
 
-# While apply() runs: the number of axes of each layer's kernel as the layer
-# itself sees it ({path: ndim}). Inside nn.scan/nn.vmap a stacked kernel is
-# seen sliced (fewer axes than in the variables), a broadcast one whole.
-_kernel_ndims = threading.local()
+class _Recording:
+  """What the forward pass tells besides statistics, while apply() runs.
+
+  Attributes:
+    kernel_ndims: ``{layer path: ndim}``, the number of axes of each
+      layer's kernel as the layer itself sees it. Inside nn.scan/nn.vmap a
+      stacked kernel is seen sliced (fewer axes than in the variables), a
+      broadcast one whole.
+    notes: ``{path tuple: NotPreconditioned}`` for refused layers and for
+      kernel-like parameters of modules that are not registered layers.
+  """
+
+  def __init__(self):
+    self.kernel_ndims: dict[str, int] = {}
+    self.notes: dict[tuple[str, ...], layers_lib.NotPreconditioned] = {}
+
+
+_recording = threading.local()
+
+
+def _current() -> _Recording | None:
+  return getattr(_recording, 'value', None)
 
 
 def _record_kernel_ndim(module: nn.Module) -> None:
-  seen = getattr(_kernel_ndims, 'value', None)
-  if seen is None:
+  current = _current()
+  if current is None:
     return
   kernel = module.variables.get('params', {}).get(layers_lib.KERNEL)
   if kernel is not None:
-    seen[module_name(module)] = jnp.ndim(kernel)
+    current.kernel_ndims[module_name(module)] = jnp.ndim(
+        nn.meta.unbox(kernel))
+
+
+def _record_note(path: tuple[str, ...],
+                 note: layers_lib.NotPreconditioned) -> None:
+  current = _current()
+  if current is not None:
+    current.notes.setdefault(path, note)
+
+
+def _record_raw_parameters(module: nn.Module) -> None:
+  """Notes the kernel-like parameters of a module that is not a layer.
+
+  A parameter made with ``self.param`` and used with ``jnp.dot`` (the
+  ``DotReluDot`` block of Flax's pjit guide) is no registered layer's
+  kernel, so nothing measures its input.
+  """
+  if _current() is None:
+    return
+  for name, value in module.variables.get('params', {}).items():
+    value = nn.meta.unbox(value)
+    if (isinstance(value, Mapping) or jnp.ndim(value) < 2
+        or not jnp.issubdtype(jnp.result_type(value), jnp.inexact)):
+      continue
+    kind = type(module).__name__
+    _record_note(tuple(module.path) + (name,), layers_lib.NotPreconditioned(
+        f'a parameter of {kind}, which is not a registered layer type, so '
+        'bnp_optax.linen.apply does not measure its input and its gradient '
+        'is left unchanged. If it is used as a kernel (self.param with '
+        'jnp.dot, say), bnp_optax.tracing.apply(model.apply, variables, x) '
+        'with layer_specs=bnp_optax.tracing.layer_specs(...) preconditions '
+        'it (bnp_optax.tracing.describe says how it is used), or register '
+        f'{kind} with bnp_optax.linen.register_layer.'))
 
 
 @contextlib.contextmanager
-def _recording_kernel_ndims() -> Iterator[dict[str, int]]:
-  outer = getattr(_kernel_ndims, 'value', None)
-  _kernel_ndims.value = {}
+def _recording_forward_pass() -> Iterator[_Recording]:
+  outer = _current()
+  _recording.value = _Recording()
   try:
-    yield _kernel_ndims.value
+    yield _recording.value
   finally:
-    _kernel_ndims.value = outer
+    _recording.value = outer
+
+
+def _with_notes(layer_stats: Any, notes: Mapping[tuple[str, ...], Any]
+                ) -> Any:
+  """Adds the notes at their paths, where no statistics are."""
+  measured = {tuple(n.split('/')) if n != '<root>' else ()
+              for n in layers_lib.flatten_layer_stats(layer_stats)}
+  for path, note in sorted(notes.items()):
+    if any(path[:len(m)] == m for m in measured):
+      continue  # a parameter of a measured layer (a registered type's)
+    if not path:
+      return note  # the model is one refused layer
+    if not isinstance(layer_stats, dict):
+      continue
+    node = layer_stats
+    for key in path[:-1]:
+      child = node.setdefault(key, {})
+      if not isinstance(child, dict):
+        break
+      node = child
+    else:
+      node.setdefault(path[-1], note)
+  return layer_stats
 
 
 def _slices(stats: statistics.LayerStats) -> list[statistics.LayerStats]:
@@ -208,10 +289,10 @@ def _lifted(stats: statistics.LayerStats, name: str, kernel_ndim: int | None,
   if lead == 0 or kernel_ndim is None or inner_ndim is None:
     return [_unstack(stats)]
   stacked = kernel_ndim - inner_ndim
-  if stacked == lead:
-    return [_unstack(stats)]
   if stacked == 0:
     return _slices(stats)
+  if not 0 < stacked < lead:
+    return [_unstack(stats)]
   raise NotImplementedError(
       f'bnp_optax: layer {name!r} runs inside {lead} nested lifted '
       f'transforms that stack its kernel along {stacked} of them and share '
@@ -266,7 +347,7 @@ def _collect(tree: Mapping[str, Any], params: Any,
     name = layers_lib.path_to_str(path)
     kernel = (params.get(layers_lib.KERNEL)
               if isinstance(params, Mapping) else None)
-    kernel_ndim = None if kernel is None else jnp.ndim(kernel)
+    kernel_ndim = None if kernel is None else jnp.ndim(nn.meta.unbox(kernel))
     merged = statistics.merge_statistics([
         piece for s in tree[_SOW_NAME]
         for piece in _lifted(s, name, kernel_ndim, inner_ndims.get(name))])
@@ -381,7 +462,7 @@ def apply(
   else:
     collections = list(mutable) + [COLLECTION]
   with (nn.intercept_methods(_record_input_statistics),
-        _recording_kernel_ndims() as inner_ndims):
+        _recording_forward_pass() as recording):
     output, mutated = model.apply(
         variables, *args, mutable=collections, **kwargs
     )
@@ -391,7 +472,8 @@ def apply(
             else {})
   # When the model itself is a Dense/Conv layer this is a bare LayerStats,
   # at the root like its parameters.
-  layer_stats = _collect(sown, params, inner_ndims)
+  layer_stats = _with_notes(
+      _collect(sown, params, recording.kernel_ndims), recording.notes)
   if axis_name is not None:
     layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
   if mutable is False or mutable is None:

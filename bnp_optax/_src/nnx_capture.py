@@ -83,7 +83,9 @@ def _recording_call(original):
         collector.active.discard(id(self))
     if outermost:
       layer_type = _REGISTRY.lookup(self)
-      if layer_type is not None:
+      if layer_type is not None and layer_type.refused is not None:
+        collector.record(self, layer_type.note(self, 'nnx'))
+      elif layer_type is not None:
         collector.record(
             self, layer_type.statistics(self, args, kwargs, outputs))
     return outputs
@@ -175,6 +177,7 @@ class _Collector:
       if isinstance(node, nnx.Module):
         self.paths.setdefault(id(node), tuple(path))
     self.stats: dict[tuple, list[statistics.LayerStats]] = {}
+    self.notes: dict[tuple, layers_lib.NotPreconditioned] = {}
     self.active: set[int] = set()
 
   def name_of(self, module) -> str:
@@ -191,18 +194,27 @@ class _Collector:
           'of the model given to apply() was called; its parameters would '
           'have no statistics. Call the layers through the model.'
       )
+    if isinstance(stats, layers_lib.NotPreconditioned):
+      self.notes.setdefault(path, stats)
+      return
     stats = capture.checked(stats, self.name_of(module))
     self.stats.setdefault(path, []).append(stats)
 
   def tree(self):
     if () in self.stats:
       return statistics.merge_statistics(self.stats[()])
+    if () in self.notes:
+      return self.notes[()]
     result: dict = {}
-    for path, stats in self.stats.items():
+    entries = {path: statistics.merge_statistics(stats)
+               for path, stats in self.stats.items()}
+    for path, note in self.notes.items():
+      entries.setdefault(path, note)
+    for path, entry in entries.items():
       node = result
       for key in path[:-1]:
         node = node.setdefault(key, {})
-      node[path[-1]] = statistics.merge_statistics(stats)
+      node[path[-1]] = entry
     return result
 
 

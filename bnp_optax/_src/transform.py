@@ -510,7 +510,8 @@ def scale_by_bnp(
       raise ValueError(MISSING_LAYER_STATS)
     tree = layers_lib.parse_tree(updates, layer_specs)
     stats = layers_lib.flatten_layer_stats(layer_stats)
-    specs = layers_lib.match_statistics(tree, stats)
+    passed = layers_lib.not_preconditioned(layer_stats)
+    specs = layers_lib.match_statistics(tree, stats, passed)
     if set(state.running_stats) != set(tree.layers):
       raise ValueError(
           'scale_by_bnp: the optimizer state holds running statistics for '
@@ -521,6 +522,9 @@ def scale_by_bnp(
     leaves = list(tree.leaves)
     new_running = {}
     for name, layer in tree.layers.items():
+      if name not in specs:  # refused by the capture: passed through
+        new_running[name] = state.running_stats[name]
+        continue
       spec = specs[name]
       running = state.running_stats[name]
       if running.mean.shape != spec.statistics_shape(layer.kernel_shape):
