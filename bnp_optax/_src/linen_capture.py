@@ -316,13 +316,7 @@ def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
   axes = tuple(range(lead))
   spec = stats.spec
   if spec is not None:
-    shift = lambda t: tuple(a + lead for a in t)
-    spec = layout.LayerSpec(
-        spatial_axes=shift(spec.spatial_axes),
-        fan_in_axes=shift(spec.fan_in_axes),
-        independent_axes=axes + shift(spec.independent_axes),
-        feature_groups=spec.feature_groups,
-    )
+    spec = layout.stacked_spec(spec, lead)
   return stats.replace(
       count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
       positions=stats.positions.mean(axes), spec=spec)
