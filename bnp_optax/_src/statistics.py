@@ -72,8 +72,12 @@ class LayerStats:
 
 
 def statistics_dtype(dtype) -> jnp.dtype:
-  """Reductions are done in float32 at least, float64 when inputs are."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """Reductions are done in float32 at least, float64 when inputs are.
+
+  Canonical, as optax creates its state: NumPy float64 parameters or inputs
+  with x64 off give float32, without a warning.
+  """
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 # Up to this many rows, XLA:CPU sums columns faster as a GEMV (below).
