@@ -137,6 +137,58 @@ def test_equinox_mlp_trains_as_linen():
         _close(got.layers[i].bias, want[f'Dense_{i}']['bias'])
 
 
+class _Permuted(eqx.Module):
+  """An MLP behind an integer index array (a leaf ``jax.grad`` refuses)."""
+  mlp: eqx.nn.MLP
+  order: jax.Array
+
+  def __call__(self, x):
+    return self.mlp(x[self.order])
+
+
+def test_equinox_idiom_filter_value_and_grad_on_the_module():
+  with jax.enable_x64(True):
+    mlp = eqx.nn.MLP(3, 2, 5, 1, key=jax.random.key(0))
+    mlp = jax.tree.map(lambda a: a.astype(jnp.float64)
+                       if eqx.is_inexact_array(a) else a, mlp)
+    model = _Permuted(mlp, jnp.array([2, 0, 1]))
+    x = jnp.asarray(models.badly_scaled_inputs(np.random.default_rng(0),
+                                               (7, 3)))
+    fn = lambda m, x: jax.vmap(m)(x)
+    tx = bnp_optax.bnp(0.1, layer_specs=tracing.layer_specs(fn, model, x))
+    opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state):  # as the Equinox how-to writes it
+      def loss_fn(model):
+        out, layer_stats = tracing.apply(fn, model, x)
+        return jnp.sum(jnp.sin(out)), layer_stats
+      (_, stats), grads = eqx.filter_value_and_grad(
+          loss_fn, has_aux=True)(model)
+      updates, opt_state = tx.update(
+          grads, opt_state, eqx.filter(model, eqx.is_inexact_array),
+          layer_stats=stats)
+      return eqx.apply_updates(model, updates), opt_state
+
+    got = step(model, opt_state)[0]
+    # The functional route, partitioned by eqx.is_inexact_array.
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    pfn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+    def loss(p):
+      out, layer_stats = tracing.apply(pfn, p, x)
+      return jnp.sum(jnp.sin(out)), layer_stats
+    grads, stats = jax.grad(loss, has_aux=True)(params)
+    updates, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
+    want = eqx.combine(eqx.apply_updates(params, updates), static)
+    jax.tree.map(_close, eqx.filter(got, eqx.is_inexact_array),
+                 eqx.filter(want, eqx.is_inexact_array))
+    # eqx.is_array would hand the integer leaf to jax.grad.
+    params, static = eqx.partition(model, eqx.is_array)
+    with pytest.raises(TypeError, match='grad requires real- or complex'):
+      jax.grad(lambda p: jnp.sum(jax.vmap(eqx.combine(p, static))(x)))(
+          params)
+
+
 class _EqxCNN(eqx.Module):
   conv0: eqx.nn.Conv2d
   conv1: eqx.nn.Conv2d
