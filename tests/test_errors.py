@@ -201,3 +201,29 @@ def test_dense_general_without_layer_specs_says_what_to_do():
       'but the layer, a dense kernel (5, 2, 4)')) as info:
     tx.update(params, tx.init(params), layer_stats=stats)
   assert 'bnp_optax.linen.layer_specs(model, variables, x)' in str(info.value)
+
+
+@pytest.mark.parametrize('params', [
+    {'a/w': jnp.ones((3, 2)), 'a': {'w': jnp.ones((3, 2))}},
+    {'a/b': {'kernel': jnp.ones((3, 2))}, 'a': {'b': {'kernel': jnp.ones(
+        (3, 2))}}},
+])
+def test_colliding_path_names_are_an_error_naming_both(params):
+  specs = None
+  if 'a/w' in params:  # plain JAX: layers given by kernel leaf path
+    specs = {'a/w': bnp_optax.LeafLayer(bnp_optax.LayerSpec((), (0,)))}
+  tx = bnp_optax.scale_by_bnp(layer_specs=specs)
+  for call in (lambda: tx.init(params),
+               lambda: bnp_optax.describe_coverage(params, layer_specs=specs)):
+    with pytest.raises(ValueError, match=re.escape(
+        "are both named 'a/")) as info:
+      call()
+    assert "['a/" in str(info.value) and "['a']" in str(info.value)
+
+
+def test_colliding_statistics_names_are_an_error():
+  stats = bnp_optax.input_statistics(jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match=re.escape("are both named 'a/b'")):
+    bnp_optax.describe_coverage(
+        {'a': {'b': {'kernel': jnp.ones((3, 2))}}},
+        {'a/b': stats, 'a': {'b': stats}})

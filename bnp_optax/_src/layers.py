@@ -153,6 +153,26 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def check_unique_names(key_paths, what: str = 'parameters') -> None:
+  """Raises if two key paths are written as the same ``'a/b'`` name.
+
+  Layers, statistics and roles are keyed by the ``'/'``-joined path, so a
+  dict key holding ``'/'`` (``'a/w'``) beside a nested dict
+  (``{'a': {'w': ...}}``) would make two parameters one name.
+  """
+  seen = {}
+  for key_path in key_paths:
+    name = path_to_str(key_path_to_tuple(key_path))
+    if name in seen:
+      raise ValueError(
+          f'bnp_optax: the {what} {jax.tree_util.keystr(seen[name])} and '
+          f'{jax.tree_util.keystr(key_path)} are both named {name!r} (paths '
+          "are written with '/' between keys, so a key that holds '/' can "
+          'name the same path as nested keys). Rename one of them.'
+      )
+    seen[name] = key_path
+
+
 def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   """Flattens ``tree`` and finds every layer that BNP would precondition.
 
@@ -172,6 +192,7 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=_is_masked
   )
+  check_unique_names([kp for kp, _ in flat])
   leaves = [leaf for _, leaf in flat]
   leaf_paths = [key_path_to_tuple(kp) for kp, _ in flat]
   children: dict[PathTuple, dict[str, int]] = {}
@@ -291,6 +312,7 @@ def flatten_layer_stats(
   is_stats = lambda x: isinstance(x, statistics.LayerStats)
   flat = jax.tree_util.tree_flatten_with_path(
       layer_stats, is_leaf=_is_stats_or_note)[0]
+  check_unique_names([kp for kp, _ in flat], 'statistics')
   result = {}
   for key_path, leaf in flat:
     name = path_to_str(key_path_to_tuple(key_path))
