@@ -36,7 +36,6 @@ from typing import Any
 import jax
 from jax import lax
 from jax.extend import core as jax_core
-import jax.numpy as jnp
 import numpy as np
 
 from bnp_optax._src import layers as layers_lib
@@ -580,30 +579,6 @@ def _layers(analysis: _Analysis, shapes, names) -> dict[int,
   return layers
 
 
-def _merge_stacked(s: statistics.LayerStats) -> statistics.LayerStats:
-  """Merges statistics stacked along axis 0 (one per scan step) exactly."""
-  expand = lambda c: c.reshape(c.shape + (1,) * (s.mean.ndim - 1))
-  total = jnp.sum(s.count)
-  mean = jnp.sum(expand(s.count) * s.mean, axis=0) / total
-  spread = s.variance + jnp.square(s.mean - mean[None])
-  variance = jnp.sum(expand(s.count) * spread, axis=0) / total
-  batch_size = jnp.sum(s.batch_size)
-  positions = jnp.sum(s.batch_size * s.positions) / batch_size
-  return statistics.LayerStats(mean, variance, total, batch_size, positions,
-                               s.spec)
-
-
-def _unstack(s: statistics.LayerStats) -> statistics.LayerStats:
-  """Statistics of a kernel sliced per scan step: one layer per step.
-
-  The stacked axis is the leaf's first independent axis (see the site's
-  spec); the scalars, equal for steps that see inputs of the same size, are
-  averaged, as the linen capture does for ``nn.scan``.
-  """
-  return s.replace(count=jnp.mean(s.count), batch_size=jnp.mean(s.batch_size),
-                   positions=jnp.mean(s.positions))
-
-
 def _bind(eqn, invals):
   params = eqn.primitive.get_bind_params(eqn.params)
   with eqn.ctx.manager:
@@ -664,9 +639,14 @@ def _evaluate_scan(eqn, invals, analysis, layers, collected) -> list:
       body, invals[n_consts:n_consts + n_carry],
       invals[n_consts + n_carry:], length=p['length'], reverse=p['reverse'],
       unroll=p['unroll'])
+  # A kernel sliced per step is one layer per step, its site's spec already
+  # stacked; a kernel closed over by the body is one layer at every step.
   for leaf, stats in inner.items():
-    combine = _unstack if leaf in analysis.sliced else _merge_stacked
-    collected.setdefault(leaf, []).extend(combine(s) for s in stats)
+    if leaf in analysis.sliced:
+      combined = [statistics.unstack(s, spec=s.spec) for s in stats]
+    else:
+      combined = [statistics.merge_stacked(s) for s in stats]
+    collected.setdefault(leaf, []).extend(combined)
   return [*carry, *ys]
 
 
