@@ -266,33 +266,25 @@ def _with_notes(layer_stats: Any, notes: Mapping[tuple[str, ...], Any]
   return layer_stats
 
 
-def _slices(stats: statistics.LayerStats) -> list[statistics.LayerStats]:
-  """Statistics stacked along leading axes, one ``LayerStats`` a slice."""
-  lead = stats.count.ndim
-  flat = jax.tree.map(
-      lambda a: a.reshape((-1,) + a.shape[lead:]), stats)
-  return [jax.tree.map(lambda a, i=i: a[i], flat)
-          for i in range(flat.count.shape[0])]
-
-
 def _lifted(stats: statistics.LayerStats, name: str, kernel_ndim: int | None,
-            inner_ndim: int | None) -> list[statistics.LayerStats]:
+            inner_ndim: int | None) -> statistics.LayerStats:
   """Statistics sown under nn.scan/nn.vmap, as the layer's parameters are.
 
   The transform stacks the statistics along one leading axis per lifted
   transform. A kernel stacked the same way (``variable_axes={'params':
-  0}``) is one layer per slice (:func:`_unstack`); a kernel broadcast to
-  every step (``variable_broadcast='params'``, weight sharing) is one layer
-  called at every step, whose statistics are merged exactly.
+  0}``) is one layer per slice (:func:`statistics.unstack`); a kernel
+  broadcast to every step (``variable_broadcast='params'``, weight sharing)
+  is one layer called at every step, whose statistics are merged exactly
+  (:func:`statistics.merge_stacked`).
   """
   lead = stats.count.ndim
   if lead == 0 or kernel_ndim is None or inner_ndim is None:
-    return [_unstack(stats)]
+    return statistics.unstack(stats)
   stacked = kernel_ndim - inner_ndim
   if stacked == 0:
-    return _slices(stats)
+    return statistics.merge_stacked(stats)
   if not 0 < stacked < lead:
-    return [_unstack(stats)]
+    return statistics.unstack(stats)
   raise NotImplementedError(
       f'bnp_optax: layer {name!r} runs inside {lead} nested lifted '
       f'transforms that stack its kernel along {stacked} of them and share '
@@ -303,32 +295,16 @@ def _lifted(stats: statistics.LayerStats, name: str, kernel_ndim: int | None,
   )
 
 
-def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
-  """Statistics stacked by nn.scan/nn.vmap: one independent layer a slice.
-
-  The stacked leading axes become independent axes of the layer (its kernel
-  is stacked the same way); the scalars, equal for slices that see batches
-  of the same size, are averaged.
-  """
-  lead = stats.count.ndim
-  if lead == 0:
-    return stats
-  axes = tuple(range(lead))
-  spec = stats.spec
-  if spec is not None:
-    spec = layout.stacked_spec(spec, lead)
-  return stats.replace(
-      count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
-      positions=stats.positions.mean(axes), spec=spec)
-
-
 def _collect(tree: Mapping[str, Any], params: Any,
              inner_ndims: Mapping[str, int], path: tuple[str, ...] = ()
              ) -> Any:
   """Turns the sown collection into ``{name: {...: LayerStats}}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
-  which are merged exactly (see :func:`merge_statistics`).
+  which are merged exactly (see :func:`merge_statistics`); statistics
+  stacked by ``nn.scan``/``nn.vmap`` are one layer a slice, or one layer
+  called at every step when the transform broadcasts its kernel (see
+  :func:`_lifted`).
   """
   result = {}
   for key, value in tree.items():
@@ -343,8 +319,8 @@ def _collect(tree: Mapping[str, Any], params: Any,
               if isinstance(params, Mapping) else None)
     kernel_ndim = None if kernel is None else jnp.ndim(nn.meta.unbox(kernel))
     merged = statistics.merge_statistics([
-        piece for s in tree[_SOW_NAME]
-        for piece in _lifted(s, name, kernel_ndim, inner_ndims.get(name))])
+        _lifted(s, name, kernel_ndim, inner_ndims.get(name))
+        for s in tree[_SOW_NAME]])
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
