@@ -168,3 +168,17 @@ def test_uncarried_collection_error_tells_stacked_from_shared_parameters():
   with pytest.raises(ValueError, match="variable_broadcast='params'") as info:
     bnp_optax.linen.apply(model, variables, x, None)
   assert "stacked parameters (variable_axes={'params': 0" in str(info.value)
+
+
+def test_weight_shared_scan_of_length_zero_leaves_the_layer_alone():
+  x = jnp.ones((2, 4))
+  params = _SharedScan(3).init(jax.random.key(0), x)['params']
+  grads = jax.tree.map(jnp.ones_like, params)  # e.g. weight decay
+  _, stats = bnp_optax.linen.apply(_SharedScan(0), {'params': params}, x)
+  assert float(stats['shared']['dense'].count) == 0
+  tx = bnp_optax.scale_by_bnp()
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(grads, state, layer_stats=stats)
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+  jax.tree.map(np.testing.assert_array_equal, new_state, state._replace(
+      count=new_state.count))

@@ -53,6 +53,7 @@ class _Traced:
 
 def _trace(fn: Callable, params, args, kwargs) -> _Traced:
   flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+  layers_lib.check_unique_names([kp for kp, _ in flat])
   p_leaves = [leaf for _, leaf in flat]
   all_names = [layers_lib.path_to_str(layers_lib.key_path_to_tuple(kp))
                for kp, _ in flat]

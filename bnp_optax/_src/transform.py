@@ -533,7 +533,12 @@ def scale_by_bnp(
       batch = stats[name]
       layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
           eps1, eps2, rho, running.mean.dtype)
-      running = update_running_stats(running, batch, layer_rho)
+      # A layer that saw no input (inside a scan of length 0) has nothing
+      # to estimate: its running statistics and gradient stay unchanged.
+      has_data = statistics.has_data(batch)
+      running = jax.tree.map(
+          lambda new, old, has_data=has_data: jnp.where(has_data, new, old),
+          update_running_stats(running, batch, layer_rho), running)
       new_running[name] = running
       if debias:
         running = debiased(running, layer_rho, count)
@@ -550,9 +555,11 @@ def scale_by_bnp(
           eps1=layer_eps1,
           eps2=layer_eps2,
       )
-      leaves[layer.kernel_index] = new_kernel
+      leaves[layer.kernel_index] = jnp.where(
+          has_data, new_kernel, leaves[layer.kernel_index])
       if new_bias is not None:
-        leaves[layer.bias_index] = new_bias
+        leaves[layer.bias_index] = jnp.where(
+            has_data, new_bias, leaves[layer.bias_index])
     new_updates = jax.tree_util.tree_unflatten(tree.treedef, leaves)
     return new_updates, ScaleByBNPState(
         count=count, running_stats=new_running
