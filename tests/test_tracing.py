@@ -791,3 +791,19 @@ def test_colliding_leaf_names_are_an_error_naming_both(route):
   with pytest.raises(ValueError, match=re.escape(
       "the parameters ['a']['w'] and ['a/w'] are both named 'a/w'")):
     getattr(tracing, route)(fn, params, jnp.ones((4, 3)))
+
+
+def test_fori_loop_roles_as_the_how_to_states_them():
+  params = {'v': jnp.ones((4, 4)), 'w': jnp.ones((3, 4, 4))}
+  x, n = jnp.ones((5, 4)), jnp.int32(3)
+  shared = lambda p, x, n: lax.fori_loop(
+      0, 3, lambda i, h: jnp.tanh(h @ p['v']), x)
+  indexed = lambda p, x, n: lax.fori_loop(
+      0, 3, lambda i, h: jnp.tanh(h @ p['w'][i]), x)
+  traced = lambda p, x, n: lax.fori_loop(
+      0, n, lambda i, h: jnp.tanh(h @ p['v']), x)
+  assert tracing.describe(shared, params, x, n)['v'] == 'dense kernel'
+  assert tracing.describe(indexed, params, x, n)['w'].startswith(
+      'pass-through: indexed or sliced before use')
+  assert tracing.describe(traced, params, x, n)['v'].startswith(
+      'pass-through: used as a kernel inside a while')
