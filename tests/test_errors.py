@@ -227,3 +227,20 @@ def test_colliding_statistics_names_are_an_error():
     bnp_optax.describe_coverage(
         {'a': {'b': {'kernel': jnp.ones((3, 2))}}},
         {'a/b': stats, 'a': {'b': stats}})
+
+
+def test_stride_one_conv_transpose_routes_as_the_readme_says():
+  import flax.linen as nn
+  model = nn.Sequential([nn.ConvTranspose(3, (3, 3)), nn.relu,
+                         nn.ConvTranspose(2, (2, 2), strides=(2, 2))])
+  x = jnp.ones((2, 4, 4, 2))
+  params = model.init(jax.random.key(0), x)['params']
+  fn = lambda p, x: model.apply({'params': p}, x)
+  roles = bnp_optax.tracing.describe(fn, params, x)
+  assert roles['layers_0/kernel'] == 'conv kernel'  # an ordinary conv
+  assert roles['layers_2/kernel'].startswith('pass-through')
+  _, stats = bnp_optax.linen.apply(model, {'params': params}, x)
+  coverage = bnp_optax.describe_coverage(params, stats)
+  for layer in ('layers_0', 'layers_2'):  # refused by type
+    assert coverage[f'{layer}/kernel'].startswith(
+        'pass-through: a ConvTranspose')
