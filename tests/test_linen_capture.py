@@ -233,3 +233,35 @@ def test_a_callable_that_is_not_a_module_apply_is_refused():
       'the first argument must be the linen module (or its bound method '
       'module.apply)')):
     bnp_optax.linen.apply(lambda v, x: model.apply(v, x), variables, x)
+
+
+@pytest.mark.parametrize('keyword', ['spec_fn', 'layout_fn'])
+def test_register_layer_takes_a_spec_fn_as_nnx_does(keyword):
+  class Grouped(nn.Module):  # kernel (c_in / groups, c_out), two groups
+    @nn.compact
+    def __call__(self, x):
+      self.param('kernel', nn.initializers.ones, (2, 6))
+      return x
+
+  spec = bnp_optax.LayerSpec(spatial_axes=(), fan_in_axes=(0,),
+                             feature_groups=2)
+  measure = lambda module, args, kwargs, outputs: (
+      bnp_optax.input_statistics(args[0]))
+  bnp_optax.linen.register_layer(Grouped, measure,
+                                 **{keyword: lambda module: spec})
+  x = jnp.ones((3, 4))
+  variables = Grouped().init(jax.random.key(0), x)
+  _, layer_stats = bnp_optax.linen.apply(Grouped(), variables, x)
+  assert layer_stats['<root>'].spec == spec
+  assert bnp_optax.linen.layer_specs(Grouped(), variables, x) == {
+      '<root>': spec}
+  # Statistics that record another spec disagree with spec_fn: an error.
+  bnp_optax.linen.register_layer(
+      Grouped, lambda module, args, kwargs, outputs: (
+          bnp_optax.input_statistics(args[0], spec=bnp_optax.LayerSpec(
+              spatial_axes=(), fan_in_axes=(0,)))),
+      spec_fn=lambda module: spec)
+  with pytest.raises(ValueError, match=re.escape(
+      "layer '<root>': its statistics record the spec")):
+    bnp_optax.linen.apply(Grouped(), variables, x)
+

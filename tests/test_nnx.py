@@ -253,7 +253,7 @@ def test_apply_in_one_thread_while_another_calls_the_model():
 
 
 def test_layer_specs_come_from_the_registry():
-  class Wide(nnx.LinearGeneral):  # registered without a layout_fn
+  class Wide(nnx.LinearGeneral):  # registered without a spec_fn
     pass
 
   class Grouped(nnx.Module):  # kernel (c_in / groups, c_out), two groups
@@ -269,7 +269,7 @@ def test_layer_specs_come_from_the_registry():
       Wide, lambda module, args, kwargs, outputs: None)
   bnp_optax.nnx.register_layer(
       Grouped, lambda module, args, kwargs, outputs: None,
-      layout_fn=lambda module: spec)
+      spec_fn=lambda module: spec)
 
   class Net(nnx.Module):
     def __init__(self, rngs):
