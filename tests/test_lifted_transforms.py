@@ -151,7 +151,7 @@ def test_weight_shared_scan_merges_its_steps_like_a_shared_layer(length):
     fn = lambda p, x: model.apply({'params': p}, x)
     _, traced = bnp_optax.tracing.apply(fn, params, x)
     _, linen = bnp_optax.linen.apply(model, {'params': params}, x)
-    merged = linen['shared']['dense']
+    merged = linen['shared/dense']
     np.testing.assert_allclose(merged.mean, traced['shared/dense/kernel'].mean,
                                rtol=1e-12)
     np.testing.assert_allclose(merged.variance,
@@ -175,7 +175,7 @@ def test_weight_shared_scan_of_length_zero_leaves_the_layer_alone():
   params = _SharedScan(3).init(jax.random.key(0), x)['params']
   grads = jax.tree.map(jnp.ones_like, params)  # e.g. weight decay
   _, stats = bnp_optax.linen.apply(_SharedScan(0), {'params': params}, x)
-  assert float(stats['shared']['dense'].count) == 0
+  assert float(stats['shared/dense'].count) == 0
   tx = bnp_optax.scale_by_bnp()
   state = tx.init(params)
   updates, new_state = jax.jit(tx.update)(grads, state, layer_stats=stats)

@@ -303,7 +303,11 @@ def not_preconditioned(layer_stats: Any) -> dict[str, str]:
 def flatten_layer_stats(
     layer_stats: Any,
 ) -> dict[str, statistics.LayerStats]:
-  """``{layer path: LayerStats}`` from the tree the integrations return.
+  """``{layer path: LayerStats}`` from the ``layer_stats`` given to update.
+
+  Every capture route returns this flat dict already; a tree nested by path
+  (``{'Block_0': {'Dense_1': stats}}``) or, for a model that is one layer, a
+  bare ``LayerStats`` (``'<root>'``) is flattened to it.
 
   :class:`NotPreconditioned` entries are left out (see
   :func:`not_preconditioned`).

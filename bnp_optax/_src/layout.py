@@ -192,7 +192,7 @@ class KernelView(NamedTuple):
   def window_size(self) -> int:
     return math.prod(self.shape[a] for a in self.spatial)
 
-  def statistics(self, vector: jax.Array) -> jax.Array:
+  def reshape_statistics(self, vector: jax.Array) -> jax.Array:
     """The kernel's statistics, ``spec.statistics_shape``, in the view.
 
     The last (channel) axis is split by group when the kernel is grouped.

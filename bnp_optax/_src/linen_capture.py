@@ -31,6 +31,7 @@ COLLECTION = 'bnp_optax_layer_stats'
 _SOW_NAME = 'input_stats'
 
 StatisticsFn = capture.StatisticsFn
+SpecFn = capture.SpecFn
 
 
 def module_name(module: nn.Module) -> str:
@@ -65,7 +66,13 @@ _REGISTRY.register(nn.ConvTranspose, _REGISTRY.unsupported(
     'a transposed convolution sees a zero-dilated input'))
 
 
-def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
+def register_layer(
+    module_type: type,
+    statistics_fn: StatisticsFn,
+    *,
+    spec_fn: SpecFn | None = None,
+    layout_fn: SpecFn | None = None,
+) -> None:
   """Teaches :func:`apply` the input statistics of a module type.
 
   The module's parameters must be named ``kernel`` (and ``bias``, if any),
@@ -73,13 +80,21 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
   outputs)`` receives the module and the arguments and result of its
   ``__call__`` and returns the statistics of the input, usually with
   :func:`bnp_optax.input_statistics`, whose ``feature_axes`` say which input
-  axes are the fan-in (and ``spec`` which kernel axes they are).
+  axes are the fan-in (and ``spec`` which kernel axes they are). The same
+  keywords as :func:`bnp_optax.nnx.register_layer`.
 
   Args:
     module_type: a ``flax.linen.Module`` subclass; registering a type again
       replaces its function. It takes precedence over the built-in types, so
       a subclass of ``nn.Dense`` can be measured differently.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
+    spec_fn: optional ``module -> LayerSpec``, the kernel's layout read from
+      the module, recorded with the statistics when ``statistics_fn``
+      records none (and so given by :func:`layer_specs`); needed only when
+      the kernel is not laid out as a Dense ``(n_in, n_out)`` or Conv
+      ``(*window, c_in, c_out)`` kernel. Default: that of the registered
+      type ``module_type`` derives from, if any.
+    layout_fn: the former name of ``spec_fn``.
 
   Example:
     >>> import flax.linen as nn
@@ -99,11 +114,13 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     >>> model = Affine(2)
     >>> x = jnp.ones((4, 3))
     >>> variables = model.init(jax.random.key(0), x)
-    >>> _, stats = bnp_optax.linen.apply(model, variables, x)
-    >>> stats.mean.shape
+    >>> _, layer_stats = bnp_optax.linen.apply(model, variables, x)
+    >>> layer_stats['<root>'].mean.shape
     (3,)
   """
-  _REGISTRY.register(module_type, capture.LayerType(statistics_fn))
+  _REGISTRY.register_layer(
+      module_type, statistics_fn,
+      spec_fn if spec_fn is not None else layout_fn)
 
 
 def _record_input_statistics(next_fun, args, kwargs, context):
@@ -134,8 +151,8 @@ def _record_input_statistics(next_fun, args, kwargs, context):
         'steps merged, as a layer called several times.'
     )
   _record_kernel_ndim(module)
-  stats = layer_type.statistics(module, args, kwargs, outputs)
-  module.sow(COLLECTION, _SOW_NAME, capture.checked(stats, module_name(module)))
+  module.sow(COLLECTION, _SOW_NAME, layer_type.measure(
+      module, args, kwargs, outputs, module_name(module)))
   return outputs
 
 
@@ -243,26 +260,15 @@ def _recording_forward_pass() -> Iterator[_Recording]:
     _recording.value = outer
 
 
-def _with_notes(layer_stats: Any, notes: Mapping[tuple[str, ...], Any]
-                ) -> Any:
+def _with_notes(layer_stats: dict[str, Any],
+                notes: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
   """Adds the notes at their paths, where no statistics are."""
-  measured = {tuple(n.split('/')) if n != '<root>' else ()
-              for n in layers_lib.flatten_layer_stats(layer_stats)}
+  measured = [() if n == layers_lib.path_to_str(()) else tuple(n.split('/'))
+              for n in layer_stats]
   for path, note in sorted(notes.items()):
     if any(path[:len(m)] == m for m in measured):
       continue  # a parameter of a measured layer (a registered type's)
-    if not path:
-      return note  # the model is one refused layer
-    if not isinstance(layer_stats, dict):
-      continue
-    node = layer_stats
-    for key in path[:-1]:
-      child = node.setdefault(key, {})
-      if not isinstance(child, dict):
-        break
-      node = child
-    else:
-      node.setdefault(path[-1], note)
+    layer_stats.setdefault(layers_lib.path_to_str(path), note)
   return layer_stats
 
 
@@ -295,10 +301,11 @@ def _lifted(stats: statistics.LayerStats, name: str, kernel_ndim: int | None,
   )
 
 
-def _collect(tree: Mapping[str, Any], params: Any,
-             inner_ndims: Mapping[str, int], path: tuple[str, ...] = ()
-             ) -> Any:
-  """Turns the sown collection into ``{name: {...: LayerStats}}``.
+def _collect(
+    tree: Mapping[str, Any], params: Any, inner_ndims: Mapping[str, int],
+    path: tuple[str, ...] = ()
+) -> dict[str, statistics.LayerStats]:
+  """Turns the sown collection into ``{layer path: LayerStats}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
   which are merged exactly (see :func:`merge_statistics`); statistics
@@ -308,25 +315,23 @@ def _collect(tree: Mapping[str, Any], params: Any,
   """
   result = {}
   for key, value in tree.items():
-    if key == _SOW_NAME:
-      continue
-    result[key] = _collect(
-        value, params.get(key, {}) if isinstance(params, Mapping) else {},
-        inner_ndims, path + (key,))
+    if key != _SOW_NAME:
+      result.update(_collect(
+          value, params.get(key, {}) if isinstance(params, Mapping) else {},
+          inner_ndims, path + (str(key),)))
   if _SOW_NAME in tree:
-    name = layers_lib.path_to_str(path)
-    kernel = (params.get(layers_lib.KERNEL)
-              if isinstance(params, Mapping) else None)
-    kernel_ndim = None if kernel is None else jnp.ndim(nn.meta.unbox(kernel))
-    merged = statistics.merge_statistics([
-        _lifted(s, name, kernel_ndim, inner_ndims.get(name))
-        for s in tree[_SOW_NAME]])
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
           f'supported (submodules {sorted(result)}).'
       )
-    return merged
+    name = layers_lib.path_to_str(path)
+    kernel = (params.get(layers_lib.KERNEL)
+              if isinstance(params, Mapping) else None)
+    kernel_ndim = None if kernel is None else jnp.ndim(nn.meta.unbox(kernel))
+    result[name] = statistics.merge_statistics([
+        _lifted(s, name, kernel_ndim, inner_ndims.get(name))
+        for s in tree[_SOW_NAME]])
   return result
 
 
@@ -391,9 +396,10 @@ def apply(
       ``method``, ...) and of the model call.
 
   Returns:
-    ``(output, layer_stats)``: what ``model.apply`` would return, and a nested
-    dict that mirrors the parameters down to each layer, whose values are
-    :class:`~bnp_optax.LayerStats`.
+    ``(output, layer_stats)``: what ``model.apply`` would return, and
+    ``{layer path: LayerStats}``, keyed as the optimizer's running statistics
+    (``'Block_0/Dense_1'``; ``'<root>'`` when the model is the layer), as
+    every capture route returns them.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -440,8 +446,6 @@ def apply(
   sown = mutated.pop(COLLECTION, {})
   params = (variables.get('params', {}) if isinstance(variables, Mapping)
             else {})
-  # When the model itself is a Dense/Conv layer this is a bare LayerStats,
-  # at the root like its parameters.
   layer_stats = _with_notes(
       _collect(sown, params, recording.kernel_ndims), recording.notes)
   if axis_name is not None:
