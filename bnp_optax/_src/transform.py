@@ -512,7 +512,8 @@ def scale_by_bnp(
       raise ValueError(MISSING_LAYER_STATS)
     tree = layers_lib.parse_tree(updates, layer_specs)
     stats = layers_lib.flatten_layer_stats(layer_stats)
-    specs = layers_lib.match_statistics(tree, stats)
+    passed = layers_lib.not_preconditioned(layer_stats)
+    specs = layers_lib.match_statistics(tree, stats, passed)
     if set(state.running_stats) != set(tree.layers):
       raise ValueError(
           'scale_by_bnp: the optimizer state holds running statistics for '
@@ -523,6 +524,9 @@ def scale_by_bnp(
     leaves = list(tree.leaves)
     new_running = {}
     for name, layer in tree.layers.items():
+      if name not in specs:  # refused by the capture: passed through
+        new_running[name] = state.running_stats[name]
+        continue
       spec = specs[name]
       running = state.running_stats[name]
       if running.mean.shape != spec.statistics_shape(layer.kernel_shape):
@@ -531,7 +535,12 @@ def scale_by_bnp(
       batch = stats[name]
       layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
           eps1, eps2, rho, running.mean.dtype)
-      running = update_running_stats(running, batch, layer_rho)
+      # A layer that saw no input (inside a scan of length 0) has nothing
+      # to estimate: its running statistics and gradient stay unchanged.
+      has_data = statistics.has_data(batch)
+      running = jax.tree.map(
+          lambda new, old, has_data=has_data: jnp.where(has_data, new, old),
+          update_running_stats(running, batch, layer_rho), running)
       new_running[name] = running
       if debias:
         running = debiased(running, layer_rho, count)
@@ -548,9 +557,11 @@ def scale_by_bnp(
           eps1=layer_eps1,
           eps2=layer_eps2,
       )
-      leaves[layer.kernel_index] = new_kernel
+      leaves[layer.kernel_index] = jnp.where(
+          has_data, new_kernel, leaves[layer.kernel_index])
       if new_bias is not None:
-        leaves[layer.bias_index] = new_bias
+        leaves[layer.bias_index] = jnp.where(
+            has_data, new_bias, leaves[layer.bias_index])
     new_updates = jax.tree_util.tree_unflatten(tree.treedef, leaves)
     return new_updates, ScaleByBNPState(
         count=count, running_stats=new_running
