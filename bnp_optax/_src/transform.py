@@ -499,8 +499,8 @@ def scale_by_bnp(
       gradient (kernel and bias together, :func:`graft_layer`): BNP's
       direction with SGD's step size, so that the learning rate tuned for
       SGD (or the optimizer chained after BNP) carries over. Off, the update
-      is the paper's, bit for bit. May be a traced boolean
-      (``optax.inject_hyperparams``).
+      is the paper's, bit for bit. May be a traced boolean (then both are
+      computed and one selected each step).
     layer_specs: optional ``{layer path: LayerSpec}`` for kernels that are
       not laid out as Flax ``Dense`` (``(n_in, n_out)``) or ``Conv``
       (``(*window, c_in, c_out)``) kernels, needed when the optimizer state
