@@ -29,13 +29,14 @@ training loss is above the untrained network's loss on 1,000 test images.
 """
 
 import argparse
+from collections.abc import Callable
 import functools
 import json
 import math
 import pathlib
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,10 +49,10 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import bnp_optax  # noqa: E402
-import bnp_optax.nnx  # noqa: E402
-import bnp_optax.tracing  # noqa: E402
 from bnp_optax.experiments import _data  # noqa: E402
 from bnp_optax.experiments import _models  # noqa: E402
+import bnp_optax.nnx  # noqa: E402
+import bnp_optax.tracing  # noqa: E402
 
 OUT = ROOT / 'docs' / 'howto' / 'lr_rule' / 'graft'
 
@@ -224,6 +225,8 @@ class Program(NamedTuple):
     train_subset: train on this many images (a fixed subset), or all.
     seeds: the default seeds.
     note: how the program was cut, for the table.
+    scan: run chunks of steps as one ``lax.scan``; off for convolutions,
+      which XLA:CPU runs several times slower inside a scan (README, Runs).
   """
 
   label: str
@@ -237,6 +240,7 @@ class Program(NamedTuple):
   train_subset: int | None = None
   seeds: tuple[int, ...] = (0, 1, 2)
   note: str = ''
+  scan: bool = True
 
 
 def _harness(name):
@@ -246,13 +250,13 @@ def _harness(name):
 PROGRAMS = {
     'flax_linen_mnist': Program(
         "Flax's linen MNIST example", _harness('flax_mnist_cnn'), 'mnist',
-        128, 468, 'momentum', 0.1, note='1 epoch'),
+        128, 468, 'momentum', 0.1, note='1 epoch', scan=False),
     'flax_nnx_mnist': Program(
         "Flax's NNX MNIST tutorial", flax_nnx_mnist_cnn, 'mnist', 32, 1200,
-        'adamw', 0.005, note="the tutorial's 1200 steps"),
+        'adamw', 0.005, note="the tutorial's 1200 steps", scan=False),
     'equinox_mnist': Program(
         "Equinox's MNIST tutorial CNN", equinox_mnist_cnn, 'mnist', 64, 300,
-        'adamw', 3e-4, note="the tutorial's 300 steps"),
+        'adamw', 3e-4, note="the tutorial's 300 steps", scan=False),
     'haiku_mnist_sgd': Program(
         "Haiku's MNIST example MLP, SGD", haiku_mnist_mlp, 'mnist', 128, 468,
         'sgd', 0.1, note='1 epoch; the example trains with Adam'),
@@ -268,11 +272,11 @@ PROGRAMS = {
     'cnn5_cifar10_b128': Program(
         "the paper's CNN, CIFAR-10, batch 128", _harness('cnn5'), 'cifar10',
         128, 390, 'sgd', 0.1, paper_rate=0.1, seeds=(0, 1),
-        note='1 epoch'),
+        note='1 epoch', scan=False),
     'cnn5_cifar10_b2': Program(
         "the paper's CNN, CIFAR-10, batch 2", _harness('cnn5'), 'cifar10', 2,
         5000, 'sgd', 1e-3, paper_rate=1e-2, train_subset=10000, seeds=(0, 1),
-        note='1 epoch of a 10,000-image subset'),
+        note='1 epoch of a 10,000-image subset', scan=False),
 }
 
 
@@ -433,24 +437,28 @@ def train(program: Program, net: Net, tx_factory, seed: int, data,
   untrained = float(jax.jit(lambda p: _loss(net.apply(p, x_test[:1000]),
                                             y_test[:1000]))(params))
 
+  def body(carry, batch_idx, xs, ys):
+    params, opt_state = carry
+    x, y = xs[batch_idx], ys[batch_idx]
+
+    def loss_fn(p):
+      logits, stats = net.forward(p, x)
+      return _loss(logits, y), stats
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   layer_stats=stats)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
   # The data are arguments, not constants baked into the compiled step.
   @jax.jit
   def scan_chunk(params, opt_state, idx, xs, ys):
-    def body(carry, batch_idx):
-      params, opt_state = carry
-      x, y = xs[batch_idx], ys[batch_idx]
+    return jax.lax.scan(lambda c, i: body(c, i, xs, ys), (params, opt_state),
+                        idx)
 
-      def loss_fn(p):
-        logits, stats = net.forward(p, x)
-        return _loss(logits, y), stats
-
-      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params)
-      updates, opt_state = tx.update(grads, opt_state, params,
-                                     layer_stats=stats)
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    return jax.lax.scan(body, (params, opt_state), idx)
+  @jax.jit
+  def one_step(params, opt_state, idx, xs, ys):
+    return body((params, opt_state), idx, xs, ys)
 
   rng = np.random.default_rng([seed, 7])
   order = np.concatenate([rng.permutation(n) for _ in range(
@@ -459,10 +467,15 @@ def train(program: Program, net: Net, tx_factory, seed: int, data,
       program.steps, program.batch_size)
   losses = []
   start = time.time()
-  for begin in range(0, program.steps, chunk):
-    idx = jnp.asarray(order[begin:begin + chunk])
-    (params, opt_state), chunk_losses = scan_chunk(
-        params, opt_state, idx, x_train, y_train)
+  for begin in range(0, program.steps, chunk if program.scan else 1):
+    if program.scan:
+      idx = jnp.asarray(order[begin:begin + chunk])
+      (params, opt_state), chunk_losses = scan_chunk(
+          params, opt_state, idx, x_train, y_train)
+    else:
+      (params, opt_state), chunk_losses = one_step(
+          params, opt_state, jnp.asarray(order[begin]), x_train, y_train)
+      chunk_losses = chunk_losses[None]
     losses.append(np.asarray(chunk_losses))
   losses = np.concatenate(losses)
   seconds = time.time() - start
@@ -586,7 +599,7 @@ def results_table(directory=OUT) -> str:
   """Test accuracy %, mean (min-max) over seeds, per program and method."""
   lines = [
       '| program | baseline at its rate | BNP graft at that rate | '
-      'BNP at that rate | BNP at 10x | BNP at the paper\'s rate | '
+      "BNP at that rate | BNP at 10x | BNP at the paper's rate | "
       'seeds, cut |',
       '| --- | --- | --- | --- | --- | --- | --- |']
   for name in PROGRAM_ORDER:
@@ -596,7 +609,7 @@ def results_table(directory=OUT) -> str:
     data = json.loads(path.read_text())
     runs = data['runs']
 
-    def cell(method):
+    def cell(method, runs=runs):
       if method not in runs:
         return ''
       return f'{_cell(runs[method]["seeds"])} at {_rate(runs[method]["rate"])}'
@@ -633,7 +646,7 @@ def main(argv=None):
     p = sub.add_parser(command)
     p.add_argument('program', choices=sorted(PROGRAMS))
     p.add_argument('--seeds', default=None,
-                   help='comma-separated seeds (default: the program\'s)')
+                   help="comma-separated seeds (default: the program's)")
     p.add_argument('--data-dir', default=None)
     if command == 'run':
       p.add_argument('--methods', default=None,

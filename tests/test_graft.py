@@ -10,9 +10,9 @@ import functools
 from flax import nnx
 from flax import serialization
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

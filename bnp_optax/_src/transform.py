@@ -387,7 +387,7 @@ def graft_layer(
     preconditioned: tuple[jax.Array, ...],
     dtype,
 ) -> tuple[jax.Array, ...]:
-  r"""``scale_by_bnp(graft=True)``, not in the paper: BNP's direction, SGD's size.
+  r"""Grafting, not in the paper: BNP's direction, SGD's size.
 
   Grafting (Agarwal et al., 2020) takes each layer's step direction from
   one method and its size from another. Here the direction is BNP's
@@ -424,7 +424,7 @@ def graft_layer(
 
 
 def _grafted(raw, preconditioned, dtype, graft):
-  """:func:`graft_layer` on ``(kernel, bias or None)``; ``graft`` may be traced."""
+  """graft_layer on ``(kernel, bias or None)``; ``graft`` traced or True."""
   present = tuple(i for i, leaf in enumerate(preconditioned)
                   if leaf is not None)
   grafted = graft_layer(tuple(raw[i] for i in present),
