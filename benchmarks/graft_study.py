@@ -16,9 +16,11 @@ paper's BNP at the paper's rate. Commands:
   output unit, over the whole network, or as a running average; writes
   ``docs/howto/lr_rule/graft/sizes-PROGRAM.json``.
 
-``python benchmarks/graft_study.py table [DIR]``
+``python benchmarks/graft_study.py table [DIR] [--write | --check]``
   The tables of ``docs/howto/learning_rate.md`` from the JSON in DIR
-  (default ``docs/howto/lr_rule/graft``), as Markdown.
+  (default ``docs/howto/lr_rule/graft``), as Markdown; ``--write`` puts
+  them into the page (between its ``graft-results``/``graft-sizes``
+  markers), ``--check`` exits 1 unless the page holds them.
 
 Protocol: data from ``--data-dir`` (MNIST IDX / CIFAR-10 npz, the harness's
 loader) or the offline ``digits``; pixels / 255; each seed draws its own
@@ -33,6 +35,7 @@ from collections.abc import Callable
 import functools
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -505,39 +508,46 @@ def bnp_factory(kind, rate, options):
   return make
 
 
-def run_program(name: str, seeds, data_dir, only=None) -> dict:
+def _save_record(path: pathlib.Path, header: dict, method: str, desc: str,
+                 rate: float, record: dict) -> None:
+  """Adds one run to ``path``, re-read first: several processes may share it."""
+  out = json.loads(path.read_text()) if path.exists() else dict(header)
+  out.update({k: v for k, v in header.items() if k != 'runs'})
+  out.setdefault('runs', {})
+  records = [r for r in out['runs'].get(method, {}).get('seeds', [])
+             if r['seed'] != record['seed']] + [record]
+  out['runs'][method] = dict(description=desc, rate=rate,
+                             seeds=sorted(records, key=lambda r: r['seed']))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f'.tmp{os.getpid()}')
+  tmp.write_text(json.dumps(out, indent=1) + '\n')
+  os.replace(tmp, path)
+
+
+def run_program(name: str, seeds, data_dir, only=None) -> None:
+  """Trains the runs of ``name`` not yet in its JSON, seed by seed."""
   program = PROGRAMS[name]
   data = load_data(program, data_dir)
   net = program.net()
-  out = dict(program=name, label=program.label, dataset=program.dataset,
-             batch_size=program.batch_size, steps=program.steps,
-             optimizer=program.optimizer, rate=program.rate,
-             train_subset=program.train_subset, note=program.note,
-             command=f'python benchmarks/graft_study.py run {name} '
-             f'--seeds {",".join(map(str, seeds))} --data-dir DATA',
-             runs={})
+  header = dict(program=name, label=program.label, dataset=program.dataset,
+                batch_size=program.batch_size, steps=program.steps,
+                optimizer=program.optimizer, rate=program.rate,
+                train_subset=program.train_subset, note=program.note,
+                command=f'python benchmarks/graft_study.py run {name} '
+                '--data-dir DATA', runs={})
   path = OUT / f'{name}.json'
-  if path.exists():
-    out['runs'] = json.loads(path.read_text())['runs']
-  for method, (desc, rate, options) in methods(program).items():
-    if only and method not in only:
-      continue
-    records = out['runs'].get(method, {}).get('seeds', [])
-    done = {r['seed'] for r in records}
-    for seed in seeds:
-      if seed in done:
+  for seed in seeds:
+    for method, (desc, rate, options) in methods(program).items():
+      if only and method not in only:
+        continue
+      runs = json.loads(path.read_text())['runs'] if path.exists() else {}
+      if seed in {r['seed'] for r in runs.get(method, {}).get('seeds', [])}:
         continue
       record = train(program, net,
                      bnp_factory(program.optimizer, rate, options), seed,
                      data)
-      records.append(record)
       print(name, method, rate, record, flush=True)
-      out['runs'][method] = dict(description=desc, rate=rate,
-                                 seeds=sorted(records,
-                                              key=lambda r: r['seed']))
-      OUT.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(out, indent=1) + '\n')
-  return out
+      _save_record(path, header, method, desc, rate, record)
 
 
 def run_sizes(name: str, seeds, data_dir) -> dict:
@@ -626,19 +636,69 @@ def results_table(directory=OUT) -> str:
 
 
 def sizes_table(directory=OUT) -> str:
-  """Test accuracy % of each size matching, per program."""
-  header = ('| program (rate) | ' + ' | '.join(SIZE_MODES) + ' |')
-  lines = [header, '| --- |' + ' --- |' * len(SIZE_MODES)]
+  """Test accuracy % of each size matching, per program, and the baseline's.
+
+  The baseline column is the ``run`` command's (all its seeds).
+  """
+  header = ('| program (rate) | baseline | ' + ' | '.join(SIZE_MODES) + ' |')
+  lines = [header, '| --- | --- |' + ' --- |' * len(SIZE_MODES)]
   for name in PROGRAM_ORDER:
     path = pathlib.Path(directory) / f'sizes-{name}.json'
     if not path.exists():
       continue
     data = json.loads(path.read_text())
-    cells = [_cell(data['runs'][m]) if m in data['runs'] else ''
-             for m in SIZE_MODES]
+    main = pathlib.Path(directory) / f'{name}.json'
+    baseline = (json.loads(main.read_text())['runs'].get('baseline')
+                if main.exists() else None)
+    cells = [_cell(baseline['seeds']) if baseline else '']
+    cells += [_cell(data['runs'][m]) if m in data['runs'] else ''
+              for m in SIZE_MODES]
     lines.append(f'| {data["label"]} ({data["optimizer"]} '
                  f'{_rate(data["rate"])}) | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+PAGE = ROOT / 'docs' / 'howto' / 'learning_rate.md'
+MARKERS = {
+    'results': ('<!-- graft-results: benchmarks/graft_study.py table -->',
+                '<!-- /graft-results -->'),
+    'sizes': ('<!-- graft-sizes: benchmarks/graft_study.py table -->',
+              '<!-- /graft-sizes -->'),
+}
+
+
+def rendered(directory=OUT) -> dict[str, str]:
+  return {'results': results_table(directory),
+          'sizes': sizes_table(directory)}
+
+
+def page_tables(text: str) -> dict[str, str]:
+  """The tables between the markers of the learning-rate page."""
+  found = {}
+  for name, (begin, end) in MARKERS.items():
+    if begin in text and end in text:
+      found[name] = text.split(begin, 1)[1].split(end, 1)[0].strip()
+  return found
+
+
+def write_page(directory=OUT, page=PAGE) -> None:
+  text = page.read_text()
+  for name, table in rendered(directory).items():
+    begin, end = MARKERS[name]
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    text = f'{head}{begin}\n{table}\n{end}{tail}'
+  page.write_text(text)
+
+
+def check_page(directory=OUT, page=PAGE) -> int:
+  """0 when the page's tables are what the JSON gives, else 1."""
+  want, got = rendered(directory), page_tables(page.read_text())
+  bad = [name for name in want if got.get(name) != want[name]]
+  for name in bad:
+    print(f'{page}: the {name} table differs from {directory}; run '
+          '`python benchmarks/graft_study.py table --write`')
+  return 1 if bad else 0
 
 
 def main(argv=None):
@@ -655,12 +715,20 @@ def main(argv=None):
                      help='comma-separated subset of the methods')
   p = sub.add_parser('table')
   p.add_argument('directory', nargs='?', default=str(OUT))
+  p.add_argument('--write', action='store_true',
+                 help='write the tables into docs/howto/learning_rate.md')
+  p.add_argument('--check', action='store_true',
+                 help='exit 1 unless the page holds these tables')
   args = parser.parse_args(argv)
   if args.command == 'table':
-    print(results_table(args.directory))
-    print()
-    print(sizes_table(args.directory))
-    return
+    if args.check:
+      return check_page(args.directory)
+    if args.write:
+      write_page(args.directory)
+    for table in rendered(args.directory).values():
+      print(table)
+      print()
+    return 0
   program = PROGRAMS[args.program]
   seeds = (tuple(int(s) for s in args.seeds.split(','))
            if args.seeds else program.seeds)
@@ -669,7 +737,8 @@ def main(argv=None):
     run_program(args.program, seeds, args.data_dir, only)
   else:
     run_sizes(args.program, seeds, args.data_dir)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
