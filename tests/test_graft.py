@@ -6,6 +6,8 @@ preconditioned ``(G_w, G_b)`` rescaled to the norm of its raw ``(G_w, G_b)``.
 """
 
 import functools
+import importlib.util
+import pathlib
 
 from flax import nnx
 from flax import serialization
@@ -35,8 +37,7 @@ def oracle_graft(raw_w, raw_b, new_w, new_b):
   return new_w * scale, None if new_b is None else new_b * scale
 
 
-@pytest.mark.parametrize('model_name', ['mlp', 'cnn'])
-@pytest.mark.parametrize('batch_size', [1, 7])
+@pytest.mark.parametrize('model_name,batch_size', [('mlp', 1), ('cnn', 7)])
 def test_matches_numpy_oracle_over_several_steps(model_name, batch_size):
   model_cls, in_shape, np_forward = test_oracle.MODELS[model_name]
   model = model_cls()
@@ -336,3 +337,27 @@ def test_checkpoint_round_trip_continues_bit_identically():
   restored = serialization.from_bytes(target, serialization.to_bytes(mid))
   got = step(*restored)
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_the_studys_layer_size_matching_is_the_option():
+  """The study's experiment-only ``layer`` mode is ``graft=True``."""
+  path = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
+  spec = importlib.util.spec_from_file_location(
+      'graft_study', path / 'graft_study.py')
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  _, params, x, y, grads_and_stats = _setup()
+  grads, stats = grads_and_stats(params, x, y)
+  results = {}
+  for name, tx in (('option', bnp_optax.scale_by_bnp(graft=True)),
+                   ('layer', study.sized_bnp('layer')),
+                   ('leaf', study.sized_bnp('leaf'))):
+    results[name] = tx.update(grads, tx.init(params), params,
+                              layer_stats=stats)[0]
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5,
+                                                       atol=1e-8),
+               results['layer'], results['option'])
+  for name in grads:  # leaf: kernel and bias each to their own raw norm
+    for leaf in grads[name]:
+      assert _norm(results['leaf'][name][leaf]) == pytest.approx(
+          _norm(grads[name][leaf]), rel=1e-5)
