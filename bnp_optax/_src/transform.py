@@ -496,7 +496,7 @@ def scale_by_bnp(
       as Adam debiases its moments; the state still holds the plain averages.
     graft: not in the paper, off by default. When true, each layer's
       preconditioned gradient is rescaled to the norm of the layer's raw
-      gradient (kernel and bias together, :func:`graft_layer`): BNP's
+      gradient (kernel and bias together, ``graft_layer``): BNP's
       direction with SGD's step size, so that the learning rate tuned for
       SGD (or the optimizer chained after BNP) carries over. Off, the update
       is the paper's, bit for bit. May be a traced boolean (then both are
