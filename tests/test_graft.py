@@ -20,6 +20,8 @@ import optax
 import pytest
 
 import bnp_optax
+from bnp_optax.experiments import _methods
+from bnp_optax.experiments import _train
 import bnp_optax.nnx
 import bnp_optax.tracing
 from tests import models
@@ -361,3 +363,17 @@ def test_the_studys_layer_size_matching_is_the_option():
     for leaf in grads[name]:
       assert _norm(results['leaf'][name][leaf]) == pytest.approx(
           _norm(grads[name][leaf]), rel=1e-5)
+
+
+def test_harness_method_grafts_at_the_baselines_rate():
+  for key in (('fc', 'mnist', 60), ('cnn5', 'cifar10', 2)):
+    assert (_methods.default_learning_rate(*key, 'bnp_graft')[0]
+            == _methods.default_learning_rate(*key, 'vanilla')[0])
+  _, params, x, y, grads_and_stats = _setup()
+  grads, stats = grads_and_stats(params, x, y)
+  tx = _train.make_optimizer(
+      _train.RunConfig(method='bnp_graft', optimizer='sgd'), 0.5, 10)
+  updates, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
+  for name in grads:
+    assert _norm(*updates[name].values()) == pytest.approx(
+        0.5 * _norm(*grads[name].values()), rel=1e-5)

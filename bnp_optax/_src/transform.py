@@ -423,6 +423,19 @@ def graft_layer(
                for leaf in preconditioned)
 
 
+def _graft_mode(graft):
+  """``None`` (off), ``True``, or the traced flag to select with at run time.
+
+  A Python or NumPy boolean decides when the transformation is built (off:
+  no operation at all, the paper's update bit for bit); a traced one
+  (``optax.inject_hyperparams``) selects each step.
+  """
+  value = _concrete_value(graft)
+  if value is None:
+    return graft
+  return True if bool(value) else None
+
+
 def _grafted(raw, preconditioned, dtype, graft):
   """graft_layer on ``(kernel, bias or None)``; ``graft`` traced or True."""
   present = tuple(i for i, leaf in enumerate(preconditioned)
@@ -545,11 +558,7 @@ def scale_by_bnp(
     (Sections 3.3 and 4, Algorithms 2 and 3).
   """
   _check_hyperparameters(eps1, eps2, rho)
-  # A Python or NumPy boolean decides now (off: no operation at all); a
-  # traced one (inject_hyperparams) selects at run time.
-  graft_value = _concrete_value(graft)
-  if graft_value is not None:
-    graft_value = bool(graft_value)
+  graft = _graft_mode(graft)
 
   def init_fn(params: optax.Params) -> ScaleByBNPState:
     if is_params_placeholder(params):
@@ -617,10 +626,10 @@ def scale_by_bnp(
           eps1=layer_eps1,
           eps2=layer_eps2,
       )
-      if graft_value is None or graft_value:
+      if graft is not None:
         new_kernel, new_bias = _grafted(
             (leaves[layer.kernel_index], bias_grad), (new_kernel, new_bias),
-            running.mean.dtype, graft if graft_value is None else True)
+            running.mean.dtype, graft)
       leaves[layer.kernel_index] = new_kernel
       if new_bias is not None:
         leaves[layer.bias_index] = new_bias
