@@ -25,3 +25,8 @@ def test_scaling_table_covers_the_growth_axes():
   for case in ('fc60', 'fc60w4096', 'fc1', 'fc512', 'cnn2', 'cnn256',
                'cnn128same', 'resnet18'):
     assert case in cases
+
+
+def test_graft_tables_on_the_learning_rate_page_match_their_json():
+  module = _load('graft_study')
+  assert module.main(['table', '--check']) == 0

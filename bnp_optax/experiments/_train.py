@@ -118,10 +118,12 @@ def make_optimizer(config: RunConfig, lr: float,
                                            mask=_bn4.norm_param_mask))
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  if _methods.METHODS[config.method].bnp:
+  method = _methods.METHODS[config.method]
+  if method.bnp:
     parts.append(bnp_optax.scale_by_bnp(eps1=config.eps1, eps2=config.eps2,
                                         rho=config.rho,
-                                        debias=config.bnp_debias))
+                                        debias=config.bnp_debias,
+                                        graft=method.graft))
     if config.bnp_q != 'paper':
       parts.append(_qscale.undo_q_scaling(config.bnp_q))
   return optax.chain(*parts, base)
