@@ -44,7 +44,8 @@ def store(executed_dir: pathlib.Path) -> int:
     for cell, new in zip(cells, new_cells):
       cell['outputs'] = new.get('outputs', [])
       cell['execution_count'] = new.get('execution_count')
-    text = json.dumps(stored, indent=1, sort_keys=True, ensure_ascii=False) + '\n'
+    text = json.dumps(stored, indent=1, sort_keys=True,
+                      ensure_ascii=False) + '\n'
     if text != path.read_text():
       path.write_text(text)
       print(f'notebooks/{path.name}: stored outputs updated')
