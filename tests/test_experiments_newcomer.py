@@ -9,11 +9,13 @@ import csv
 import os
 import pathlib
 import re
+import signal
 import socket
 
 import pytest
 
 from bnp_optax.experiments import _cli
+from bnp_optax.experiments import _data
 from bnp_optax.experiments import _files
 from bnp_optax.experiments import _plot
 from bnp_optax.experiments import _train
@@ -75,7 +77,7 @@ def test_rerun_error_leads_with_skip_existing(tiny_runs, capsys):
 def test_step_times_print_in_units_a_person_reads(tmp_path, capsys):
   status, out, _ = _main(['run', *_TINY, '--out', tmp_path], capsys)
   assert status == 0
-  (line,) = [l for l in out.splitlines() if 'compiled step' in l]
+  (line,) = [s for s in out.splitlines() if 'compiled step' in s]
   assert re.search(r'compiled step [0-9.]+ (us|ms|s);', line), line
   assert _cli.human_time(0.894351) == '894 ms'
   assert _cli.human_time(0.0009999) == '1 ms'
@@ -203,3 +205,118 @@ def test_a_failed_lock_leaves_no_directory_it_made(tmp_path, capsys):
   status, _, err = _main(['run', *_TINY, '--out', out], capsys)
   assert status == 2 and 'another process' in err
   assert (out / f'.{name}.lock').exists()  # Not ours to remove.
+
+
+# ------------------------------------------------ resume, interrupts, progress
+
+_CKPT_ARGS = ['--methods', 'bnp', '--batch-size', '10', '--epochs', '2',
+              '--evals-per-epoch', '2', '--train-subset', '120',
+              '--test-subset', '60', '--no-progress', '--checkpoint', 'always']
+
+
+def _interrupted_checkpoint(out, **overrides):
+  """An interrupted run's checkpoint, where _CKPT_ARGS's run looks for it.
+
+  ``overrides`` make it the checkpoint of another configuration.
+  """
+  wanted = _train.RunConfig(method='bnp', batch_size=10, epochs=2,
+                            evals_per_epoch=2, train_subset=120,
+                            test_subset=60)
+  config = _train.RunConfig(**{**dict(
+      method='bnp', batch_size=10, epochs=2, evals_per_epoch=2,
+      train_subset=120, test_subset=60), **overrides})
+  ds = _train.prepare_data(config, _data.load('digits'))
+  calls = []
+
+  def stop():
+    calls.append(1)
+    return signal.SIGINT if len(calls) > 3 else 0
+
+  ckpt = out / '.checkpoints' / wanted.run_name()
+  with pytest.raises(_train.Interrupted):
+    _train.train(config, ds, progress=False, log=None, stop=stop,
+                 checkpoint_dir=ckpt)
+  return ckpt
+
+
+def _largest_file(directory):
+  return max((p for p in directory.rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'no_manifest',
+                                    'no_metadata', 'other_config'])
+def test_resume_refuses_a_bad_checkpoint_before_training(
+    damage, tmp_path, capsys):
+  out = tmp_path / 'runs'
+  ckpt = _interrupted_checkpoint(
+      out, **(dict(rho=0.9) if damage == 'other_config' else {}))
+  (step_dir,) = [d for d in ckpt.iterdir() if d.name.isdigit()]
+  if damage == 'truncated':
+    victim = _largest_file(step_dir)
+    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])
+    expected = 'truncated or changed'
+  elif damage == 'no_manifest':
+    for manifest in ckpt.glob('manifest-*.json'):
+      manifest.unlink()
+    expected = 'manifest'
+  elif damage == 'no_metadata':
+    victim = next(p for p in step_dir.rglob('*')
+                  if p.is_file() and 'metadata' in p.name.lower())
+    victim.unlink()
+    expected = f'{victim.name} is missing'
+  else:
+    expected = 'another configuration (differs in rho)'
+  status, out_text, err = _main(['run', *_CKPT_ARGS, '--resume', '--out',
+                                 out], capsys)
+  assert status == 2, (out_text, err)
+  assert err.startswith('error: ') and expected in err, err
+  assert str(ckpt) in err and '--overwrite' in err
+  assert 'Traceback' not in err and 'epoch' not in out_text
+  # --overwrite starts it again.
+  status, _, err = _main(['run', *_CKPT_ARGS, '--overwrite', '--out', out],
+                         capsys)
+  assert status == 0, err
+
+
+def test_resume_continues_from_a_good_checkpoint(tmp_path, capsys):
+  out = tmp_path / 'runs'
+  _interrupted_checkpoint(out)
+  status, text, err = _main(['run', *_CKPT_ARGS, '--resume', '--out', out],
+                            capsys)
+  assert status == 0, err
+  assert 'continues from its checkpoint at step' in text
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+  status, out, err = _main(['run', *_TINY, '--resume', '--out', tmp_path],
+                           capsys)
+  assert status == 0, err
+  assert 'starts from step 0' in out and '--checkpoint always' in out
+  status, out, err = _main(['run', *_CKPT_ARGS, '--resume', '--out',
+                            tmp_path / 'other'], capsys)
+  assert status == 0, err
+  assert 'has no checkpoint' in out and 'starts from step 0' in out
+
+
+def test_interrupt_says_what_was_lost_and_how_to_keep_it(
+    tmp_path, capsys, monkeypatch):
+  def interrupted(*args, **kwargs):
+    e = _train.Interrupted(signal.SIGINT)
+    e.step = 5
+    raise e
+
+  monkeypatch.setattr(_train, 'train', interrupted)
+  status, _, err = _main(['run', *_TINY, '--out', tmp_path], capsys)
+  assert status == 130
+  assert '(5 steps) is lost' in err and '--checkpoint always' in err
+  assert '--resume' in err
+
+
+def test_progress_by_steps_without_a_bar(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(_train, 'PROGRESS_EVERY_S', 0.0)
+  status, out, err = _main(['run', *_TINY, '--steps-per-call', '1',
+                            '--out', tmp_path], capsys)
+  assert status == 0, err
+  steps = re.findall(r'step (\d+)/3 ', out)
+  assert steps == ['1', '2', '3'], out

@@ -23,6 +23,7 @@ from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _deps
 from bnp_optax.experiments import _files
+from bnp_optax.experiments import _manifest
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _plot
@@ -222,10 +223,10 @@ def _plan(configs, options, out_dir: pathlib.Path, plot_path):
             'and train only the rest, or --overwrite to train them again. '
             f'First: {path}')
     resume = False
-    if action != 'keep' and ckpt is not None and ckpt.exists():
-      if options.resume:
-        resume = True
-      elif not options.overwrite:
+    if action != 'keep' and options.resume:
+      resume = _resumable(config, name, ckpt)
+    elif action != 'keep' and ckpt is not None and ckpt.exists():
+      if not options.overwrite:
         raise UsageError(
             f'an interrupted run left its checkpoint in {ckpt}; pass '
             '--resume to continue it or --overwrite to start it again')
@@ -245,6 +246,31 @@ def human_time(seconds: float) -> str:
       value = seconds / scale
       return f'{value:.3g} {unit}' if value < 1000 else f'{value:.0f} {unit}'
   raise AssertionError('unreachable')
+
+
+def _resumable(config, name, ckpt) -> bool:
+  """Whether ``--resume`` continues the run; says so when it cannot.
+
+  The checkpoint is probed here, before any data is loaded or step
+  compiled: another configuration's or a damaged one is an error.
+  """
+  if ckpt is None:
+    print(f'--resume: {name} starts from step 0: {config.model} runs are '
+          'not checkpointed unless --checkpoint always', flush=True)
+    return False
+  try:
+    step = _manifest.probe(ckpt, _config.canonical(config))
+  except _manifest.CheckpointError as e:
+    raise UsageError(f'{e}; pass --overwrite to start {name} again, '
+                     'without it') from None
+  if step is None:
+    print(f'--resume: {name} has no checkpoint (in {ckpt.parent}; the '
+          'first is saved at its first evaluation): it starts from step 0',
+          flush=True)
+    return False
+  print(f'--resume: {name} continues from its checkpoint at step {step}',
+        flush=True)
+  return True
 
 
 def _check_same_config(path, config):
@@ -293,10 +319,17 @@ def _train_and_write(p, prepared, progress, signals):
         flush=True)
   if p.checkpoint is not None and not p.resume:
     shutil.rmtree(p.checkpoint, ignore_errors=True)
-  result = _train.train(
-      config, prepared[_data_key(config)],
-      progress=progress, stop=signals, checkpoint_dir=p.checkpoint,
-      resume=p.resume)
+  try:
+    result = _train.train(
+        config, prepared[_data_key(config)],
+        progress=progress, stop=signals, checkpoint_dir=p.checkpoint,
+        resume=p.resume)
+  except _train.Interrupted as e:
+    e.run, e.checkpoint = config.run_name(), p.checkpoint
+    raise
+  except _manifest.CheckpointError as e:
+    raise UsageError(f'{e}; pass --overwrite to start '
+                     f'{config.run_name()} again, without it') from None
   t = result['timing']
   print(f'   done in {t["total_s"]:.1f}s (compile {t["compile_s"]:.1f}s, '
         f'per step: data {human_time(t["data_us_per_step"] * 1e-6)}, '
@@ -556,6 +589,33 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _interrupted_message(e) -> str:
+  """What an interrupt kept, what it lost, and how to keep it next time."""
+  text = (f'interrupted ({signal.Signals(e.signum).name}): finished runs '
+          'are saved')
+  run = getattr(e, 'run', None)
+  if run is None:
+    return text + '.'
+  steps = '' if e.step is None else f' ({e.step} steps)'
+  ckpt = getattr(e, 'checkpoint', None)
+  if ckpt is None:
+    return (f'{text}; the progress of {run}{steps} is lost: it was not '
+            'checkpointed. To keep it next time, pass --checkpoint always '
+            '(a checkpoint at each evaluation), then --resume after an '
+            'interrupt.')
+  try:
+    step = max((int(d.name) for d in ckpt.iterdir() if d.name.isdigit()),
+               default=None)
+  except OSError:
+    step = None
+  if step is None:
+    return (f'{text}; {run}{steps} is lost: it was interrupted before its '
+            'first checkpoint (saved at each evaluation).')
+  return (f'{text}; {run} keeps its checkpoint at step {step} in {ckpt} '
+          '(the steps after it are lost): rerun the same command with '
+          '--resume to continue it.')
+
+
 def main(argv=None) -> int:
   """Entry point; returns the exit status."""
   args = build_parser().parse_args(argv)
@@ -567,10 +627,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except _train.Interrupted as e:
-    name = signal.Signals(e.signum).name
-    print(f'interrupted ({name}): finished runs are saved, the current run '
-          'is not (runs with checkpoints continue with --resume)',
-          file=sys.stderr)
+    print(_interrupted_message(e), file=sys.stderr)
     return 128 + e.signum
   if args.command in ('run', 'suite'):
     print(f'total {time.perf_counter() - start:.1f}s')
