@@ -243,3 +243,10 @@ def test_a_failing_cell_prints_its_own_error(tmp_path):
   assert result.returncode != 0
   output = re.sub(r'\x1b\[[0-9;]*m', '', result.stdout + result.stderr)
   assert "ValueError: the cell's own message" in output, output[-3000:]
+
+
+def test_readme_gives_the_docs_command():
+  readme = (ROOT / 'README.md').read_text()
+  assert 'bash scripts/docs.sh' in readme
+  script = (ROOT / 'scripts' / 'docs.sh').read_text()
+  assert 'sphinx -W' in script and 'store_notebook_outputs.py' in script
