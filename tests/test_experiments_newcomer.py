@@ -7,7 +7,6 @@ plots, and run locks held around each run only.
 
 import csv
 import os
-import pathlib
 import re
 import signal
 import socket
@@ -190,20 +189,21 @@ def test_a_lost_lock_race_never_deletes_the_winners_directory(
   assert (out / 'winner.json').exists()
 
 
-def test_a_failed_lock_leaves_no_directory_it_made(tmp_path, capsys):
+def test_a_live_lock_is_an_error_before_training_and_is_kept(tmp_path,
+                                                             capsys):
   out = tmp_path / 'new'
-  # A live owner: this process's parent.
   name = _train.RunConfig(
       method='bnp', epochs=1, batch_size=20, train_subset=60,
       test_subset=30).run_name()
-  pathlib.Path(tmp_path / 'elsewhere').mkdir()
   status, _, err = _main(['run', *_TINY, '--out', out], capsys)
   assert status == 0, err
   (out / f'{name}.json').unlink()
+  # A live owner: this process's parent.
   (out / f'.{name}.lock').write_text(
       f'{socket.gethostname()} {os.getppid()}\n')
-  status, _, err = _main(['run', *_TINY, '--out', out], capsys)
+  status, text, err = _main(['run', *_TINY, '--out', out], capsys)
   assert status == 2 and 'another process' in err
+  assert 'epoch' not in text
   assert (out / f'.{name}.lock').exists()  # Not ours to remove.
 
 
