@@ -26,6 +26,7 @@ from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _deps
+from bnp_optax.experiments import _manifest
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _qscale
@@ -40,6 +41,13 @@ class Interrupted(Exception):
   def __init__(self, signum: int):
     super().__init__(f'interrupted by signal {signum}')
     self.signum = signum
+    self.step = None  # The steps the interrupted run had done, if known.
+
+
+# Without a progress bar (not a terminal, or --no-progress), a line with the
+# step count at most this often, so that a long stretch between evaluations
+# (batch size 1: tens of seconds) shows that training goes on.
+PROGRESS_EVERY_S = 10.0
 
 
 def prepare_data(config: RunConfig, ds: _data.Dataset) -> _data.Dataset:
@@ -316,7 +324,8 @@ def _progress_bar(config, total, initial):
 class _Checkpoints:
   """Orbax checkpoints of one run, one per evaluation (the last one kept)."""
 
-  def __init__(self, directory):
+  def __init__(self, directory, identity=None):
+    self.identity = identity
     try:
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     except ImportError as e:
@@ -337,12 +346,21 @@ class _Checkpoints:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
+    _manifest.write(self.directory, step, self.identity)
 
   def restore(self, step, like):
     ocp = self.ocp
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    _manifest.probe(self.directory, self.identity)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise many types; all mean the same here.
+      raise _manifest.CheckpointError(
+          f'the checkpoint at step {step} in {self.directory} cannot be '
+          f'restored ({type(e).__name__}: {str(e)[:200]})') from e
     return restored['state'], restored['meta']
 
   def close(self):
@@ -420,7 +438,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
     return dict(validation_accuracy=acc,
                 validation_loss=_results.finite_or_none(loss))
 
-  checkpoints = _Checkpoints(checkpoint_dir) if checkpoint_dir else None
+  checkpoints = (_Checkpoints(checkpoint_dir, _config.canonical(config))
+                 if checkpoint_dir else None)
   timing = dict(data_s=0.0, step_s=0.0, train_s=0.0, eval_s=0.0)
   step = 0
   resumed_from = None
@@ -446,6 +465,7 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
                     time_s=0.0, **val0)]
   total_steps = steps_per_epoch * config.epochs
   bar = _progress_bar(config, total_steps, step) if progress else None
+  last_report = time.perf_counter()
   cuts = [round(steps_per_epoch * k / config.evals_per_epoch)
           for k in range(config.evals_per_epoch + 1)]
   try:
@@ -457,7 +477,9 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
         seg_losses = []
         for c0 in range(seg_start, seg_end, spc):
           if stop is not None and stop():
-            raise Interrupted(stop())
+            interrupted = Interrupted(stop())
+            interrupted.step = step
+            raise interrupted
           t0 = time.perf_counter()
           count = min(spc, seg_end - c0)
           idx = order[c0 * bs:(c0 + count) * bs]
@@ -488,6 +510,13 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
             bar.update(count)
             bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
                             refresh=False)
+          elif log is not None and (
+              time.perf_counter() - last_report >= PROGRESS_EVERY_S):
+            last_report = time.perf_counter()
+            log(f'   step {step}/{total_steps} '
+                f'({100 * step / total_steps:.0f}%), loss '
+                f'{float(np.mean(np.concatenate(seg_losses))):.4f} since '
+                'the last evaluation')
         seg_loss = float(np.mean(np.concatenate(seg_losses)))
         t3 = time.perf_counter()
         acc, test_loss = run_eval(state)
