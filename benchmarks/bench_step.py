@@ -103,6 +103,16 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
       Case('resnet18', resnet, (32, 32, 3), 32, 10),
       Case('resnet', resnet, (32, 32, 3), resnet_batch, 100 if on_gpu else 3),
   ]
+  # Depth: compile time and kernels as the number of layers grows.
+  for depth in (10, 50, 100, 300):
+    cases.append(Case(
+        f'mlp{depth}', functools.partial(bench_models.DeepMLP, depth=depth),
+        (32,), 32, 200))
+  for depth in (20, 56, 110):
+    cases.append(Case(
+        f'resnet{depth}',
+        functools.partial(bench_models.CifarResNet, depth=depth),
+        (32, 32, 3), 16, 5))
   return {c.name: c for c in cases}
 
 
@@ -117,6 +127,10 @@ GROUPS = {
     # The cases of the performance issue: large feature maps, ResNet-18.
     'targets': ['cnn128', 'cnn128same', 'resnet18', 'fc60w4096'],
     'table1': ['table1-bs16', 'table1-bs256', 'table1-bs512'],
+    # Compile time and kernel counts against depth (MLP width 32, batch 32;
+    # CIFAR ResNets, batch 16).
+    'depth': ['mlp10', 'mlp50', 'mlp100', 'mlp300', 'resnet20', 'resnet56',
+              'resnet110'],
 }
 
 
@@ -504,7 +518,7 @@ def main(argv=None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--cases', nargs='+', default=['default'],
                  help='case names (see _cases) or groups (fc, cnn, default, '
-                 'all, scaling, targets, table1)')
+                 'all, scaling, targets, table1, depth)')
   p.add_argument('--variants', nargs='+', default=['sgd', 'bnp', 'bn'],
                  help=f'any of {sorted(VARIANTS)}')
   p.add_argument('--steps', type=int, default=None,
