@@ -76,8 +76,13 @@ def statistics_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-# Up to this many rows, XLA:CPU sums columns faster as a GEMV (below).
+# Up to this many rows, XLA:CPU sums columns faster as a GEMV (below)...
 _CPU_GEMV_MAX_ROWS = 128
+# ... when there are at least this many columns. XLA:CPU compiles every
+# matrix-vector product separately (an LLVM kernel each, never shared
+# between layers of the same shape, where identical fusions are), so a
+# GEMV per layer made the compile time grow with depth.
+_CPU_GEMV_MIN_COLUMNS = 256
 
 
 def _column_sums(rows: jax.Array) -> jax.Array:
@@ -95,7 +100,8 @@ def _column_sums(rows: jax.Array) -> jax.Array:
   the Dense layers only). Other platforms always reduce. ``HIGHEST`` keeps
   the sums in full float32.
   """
-  if rows.shape[0] > _CPU_GEMV_MAX_ROWS:
+  if (rows.shape[0] > _CPU_GEMV_MAX_ROWS
+      or rows.shape[1] < _CPU_GEMV_MIN_COLUMNS):
     return jnp.sum(rows, axis=0)
 
   def as_product(rows):
