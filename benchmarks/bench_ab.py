@@ -18,9 +18,7 @@ while the step is traced:
   matrix-vector product XLA:CPU compiles once per layer), convolutions as
   now;
 - ``gemv_stats`` / ``no_gemv_stats``: column sums of inputs of at most 128
-  rows as a GEMV for every width / for none (now: 256 columns and more);
-- ``ungrouped``: the vector work of every layer on its own, not once per
-  stack of same-shape layers.
+  rows as a GEMV for every width / for none (now: 256 columns and more).
 
 Each variant is compiled ahead of time; then one step of each per round, in
 a rotating order. Reported: the median wall and process CPU time and the
@@ -70,7 +68,6 @@ SUBSTITUTIONS = {
     'unfolded_stats': [(statistics, '_fold_factor', lambda rows: 1)],
     'gemv_stats': [(statistics, '_CPU_GEMV_MIN_COLUMNS', 0)],
     'no_gemv_stats': [(statistics, '_CPU_GEMV_MIN_COLUMNS', 1 << 62)],
-    'ungrouped': [(transform, '_GROUP_VECTOR_WORK', False)],
 }
 
 

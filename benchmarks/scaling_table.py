@@ -29,7 +29,8 @@ DEPTH_BEFORE_JSON = HERE / 'results_depth_before_cpu.json'
 DEPTH_JSON = HERE / 'results_depth_cpu.json'
 RESULTS_MD = HERE / 'RESULTS.md'
 START, END = '<!-- scaling-table-start -->', '<!-- scaling-table-end -->'
-DEPTH_START, DEPTH_END = '<!-- depth-table-start -->', '<!-- depth-table-end -->'
+DEPTH_START = '<!-- depth-table-start -->'
+DEPTH_END = '<!-- depth-table-end -->'
 
 # The depth cases: (case, what it is).
 DEPTH_ORDER = (
@@ -131,8 +132,8 @@ def render_depth(before: dict, after: dict) -> str:
     qo, qn = o['ratios']['bnp/sgd'], n['ratios']['bnp/sgd']
     vo, vn = o['variants'], n['variants']
     layers = n.get('layers') or o.get('layers')
-    added = lambda v: (v['bnp']['hlo']['kernels']
-                       - v['sgd']['hlo']['kernels']) / layers
+    added = lambda v, layers=layers: (
+        v['bnp']['hlo']['kernels'] - v['sgd']['hlo']['kernels']) / layers
     lines.append(
         f'| {what} | {layers} | {n["batch_size"]} | '
         f'{_compile_cpu(vn["sgd"]):.2f} | '

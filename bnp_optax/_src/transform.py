@@ -1,6 +1,5 @@
 """The BNP gradient transformation (Lange, Helfrich & Ye, Algorithms 2-3)."""
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -288,106 +287,23 @@ def _absorbed_sum(
 ) -> jax.Array:
   """``sum_{window, fan-in} (mu / s) G_w``, indexed like the bias.
 
-  Without a window (Dense) a contraction, which XLA:CPU runs as a library
-  GEMV. With one (convolutions) a fused multiply-and-reduce over the window
-  and fan-in axes: XLA:CPU emits a convolution's kernel gradient in
+  A fused multiply-and-reduce over the window and fan-in axes. For
+  convolutions: XLA:CPU emits a convolution's kernel gradient in
   ``(c_in, *window, c_out)`` order, and the contraction ``c,abcd->d`` made it
   copy that gradient into the kernel's layout and then sum the window in a
   reduction several times slower than the copy (+47 ms against +3 ms for a
   3x3x512x512 kernel, ``benchmarks/RESULTS.md``); the fused reduction reads
-  the gradient once, where it lies.
+  the gradient once, where it lies. For Dense layers: the contraction is a
+  matrix-vector product, which XLA:CPU compiles anew for every layer (an
+  LLVM kernel each), where identical fusions of same-shape layers share one
+  kernel; the reduction kept the compile time of deep MLPs from growing
+  with a GEMV per layer (``benchmarks/RESULTS.md``, depth table).
   """
   kept = sorted(view.bias_axes)
   summed = tuple(a for a in range(len(view.shape)) if a not in kept)
   product = view.place(scaled_mean, view.statistics_axes) * g_w
   return jnp.transpose(jnp.sum(product, axis=summed),
                        [kept.index(a) for a in view.bias_axes])
-
-
-class LayerFactors(NamedTuple):
-  """The per-layer vectors of steps 3-5, computed once per step.
-
-  Attributes:
-    mean: ``mu`` in the kernel view's statistics shape.
-    inverse: ``1 / (sigma~^2 q^2)``, same shape.
-    q2: ``q^2``, a scalar.
-    mean_square: ``|window| sum_{fan-in} mu^2 / (sigma~^2 q^2)``, indexed by
-      the independent axes.
-  """
-
-  mean: jax.Array
-  inverse: jax.Array
-  q2: jax.Array
-  mean_square: jax.Array
-
-
-def layer_factors(
-    running: RunningStats,
-    spec: layout.LayerSpec,
-    kernel_shape: tuple[int, ...],
-    *,
-    batch_size: jax.Array,
-    positions: jax.Array,
-    eps1: ArrayLike,
-    eps2: ArrayLike,
-) -> LayerFactors:
-  """Steps 3-4 of Algorithms 2-3 on the statistics alone (fan-in vectors).
-
-  The vector half of :func:`precondition_layer`: nothing here is the size of
-  the kernel, so :func:`scale_by_bnp` runs it once for all the layers of one
-  shape (``jax.vmap`` over their stacked statistics).
-  """
-  dtype = running.mean.dtype
-  view = layout.kernel_view(spec, kernel_shape)
-  mean = view.statistics(running.mean)
-  variance = view.statistics(running.variance)
-  fan_in_dims = tuple(
-      range(len(view.independent), len(view.statistics_axes)))
-  regularised = regularised_variance(
-      variance, eps1, eps2, fan_in_axes=fan_in_dims)
-  q2 = q_squared(spec.fan_in_size(kernel_shape), batch_size, positions, dtype)
-  # Only a regulariser of zero on an input that never varied reaches the
-  # floor; it keeps the update finite (the paper's 1/sigma~^2 would be inf).
-  inverse = 1 / jnp.maximum(regularised * q2, jnp.finfo(dtype).eps)
-  # G_w' = (G_w - mu G_b) / s, so sum_{window, fan-in} mu G_w' is
-  # sum mu/s G_w  -  G_b |window| sum_{fan-in} mu^2/s: the second term's
-  # factor is a vector quantity.
-  mean_square = view.window_size * jnp.sum(mean * mean * inverse,
-                                           axis=fan_in_dims)
-  return LayerFactors(mean, inverse, q2, mean_square)
-
-
-def apply_factors(
-    kernel_grad: jax.Array,
-    bias_grad: jax.Array | None,
-    factors: LayerFactors,
-    spec: layout.LayerSpec,
-) -> tuple[jax.Array, jax.Array | None]:
-  """Step 5 of Algorithms 2-3: the kernel-sized half of
-  :func:`precondition_layer`, with the factors of :func:`layer_factors`."""
-  dtype = factors.mean.dtype
-  kernel_shape = kernel_grad.shape
-  view = layout.kernel_view(spec, kernel_shape)
-  inverse = view.place(factors.inverse, view.statistics_axes)
-  g_w = kernel_grad.astype(dtype).reshape(view.shape)
-  if bias_grad is None:
-    new_g_w = g_w * inverse
-    return new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype), None
-  g_b = bias_grad.astype(dtype).reshape(
-      tuple(view.shape[a] for a in view.bias_axes))
-  new_g_w = (g_w - view.place(factors.mean, view.statistics_axes)
-             * view.place(g_b, view.bias_axes)) * inverse
-  # sum_{window, fan-in} mu G_w' without a kernel-sized temporary.
-  scaled_mean = factors.mean * factors.inverse
-  absorbed = _absorbed_sum(view, scaled_mean, g_w)
-  mean_square = factors.mean_square
-  absorbed = absorbed - mean_square.reshape(
-      mean_square.shape + (1,) * len(view.outputs)) * g_b
-  new_g_b = g_b / factors.q2 - absorbed
-  return (
-      new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype),
-      new_g_b.reshape(bias_grad.shape).astype(bias_grad.dtype),
-  )
 
 
 def precondition_layer(
@@ -420,35 +336,46 @@ def precondition_layer(
   fan-in, per group for a grouped convolution and per slice along
   independent axes. Without a bias there is nothing to absorb the centring:
   the kernel gradient is only scaled, ``G_w / \tilde\sigma^2 / q^2``.
-  :func:`layer_factors` computes the vectors, :func:`apply_factors` applies
-  them to the gradients.
 
   Returns:
     The preconditioned kernel and bias gradients, in their own dtypes.
   """
-  factors = layer_factors(
-      running, spec, kernel_grad.shape, batch_size=batch_size,
-      positions=positions, eps1=eps1, eps2=eps2)
-  return apply_factors(kernel_grad, bias_grad, factors, spec)
-
-
-# Whether scale_by_bnp computes the vector work of same-shape layers as one
-# stack (benchmarks/bench_ab.py switches it off to compare).
-_GROUP_VECTOR_WORK = True
-
-
-def _group_key(layer, spec, running, leaves):
-  """Layers with equal keys share the vector work of one stack."""
-  def sig(x):
-    return None if x is None else (np.shape(x), jnp.result_type(x).name)
-  kernel = leaves[layer.kernel_index]
-  bias = None if layer.bias_index is None else leaves[layer.bias_index]
-  return (spec, sig(kernel), sig(bias), sig(running.mean),
-          sig(running.variance))
-
-
-def _unstack(tree, size):
-  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(size)]
+  dtype = running.mean.dtype
+  kernel_shape = kernel_grad.shape
+  view = layout.kernel_view(spec, kernel_shape)
+  mean = view.statistics(running.mean)
+  variance = view.statistics(running.variance)
+  fan_in_dims = tuple(
+      range(len(view.independent), len(view.statistics_axes)))
+  regularised = regularised_variance(
+      variance, eps1, eps2, fan_in_axes=fan_in_dims)
+  q2 = q_squared(spec.fan_in_size(kernel_shape), batch_size, positions, dtype)
+  # Only a regulariser of zero on an input that never varied reaches the
+  # floor; it keeps the update finite (the paper's 1/sigma~^2 would be inf).
+  inverse_stats = 1 / jnp.maximum(regularised * q2, jnp.finfo(dtype).eps)
+  inverse = view.place(inverse_stats, view.statistics_axes)
+  g_w = kernel_grad.astype(dtype).reshape(view.shape)
+  if bias_grad is None:
+    new_g_w = g_w * inverse
+    return new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype), None
+  g_b = bias_grad.astype(dtype).reshape(
+      tuple(view.shape[a] for a in view.bias_axes))
+  new_g_w = (g_w - view.place(mean, view.statistics_axes)
+             * view.place(g_b, view.bias_axes)) * inverse
+  # sum_{window, fan-in} mu G_w' without a kernel-sized temporary:
+  # G_w' = (G_w - mu G_b) / s, so the sum is
+  # sum mu/s G_w  -  G_b |window| sum_{fan-in} mu^2/s, a contraction.
+  scaled_mean = mean * inverse_stats
+  absorbed = _absorbed_sum(view, scaled_mean, g_w)
+  mean_square = view.window_size * jnp.sum(
+      mean * scaled_mean, axis=fan_in_dims)
+  absorbed = absorbed - mean_square.reshape(
+      mean_square.shape + (1,) * len(view.outputs)) * g_b
+  new_g_b = g_b / q2 - absorbed
+  return (
+      new_g_w.reshape(kernel_shape).astype(kernel_grad.dtype),
+      new_g_b.reshape(bias_grad.shape).astype(bias_grad.dtype),
+  )
 
 
 def scale_by_bnp(
@@ -566,57 +493,6 @@ def scale_by_bnp(
         count=jnp.zeros([], jnp.int32), running_stats=running
     )
 
-  def update_group(names, tree, specs, state, stats, leaves, count):
-    """Steps 2-5 for the layers ``names``, whose shapes are all the same.
-
-    The running averages (step 2) and the gradients (step 5) are updated
-    layer by layer: XLA compiles one kernel for all the layers of a shape
-    there, since their computations are identical. The vector work of steps
-    3-4 (``max sigma^2``, ``1 / (sigma~^2 q^2)``, ``sum mu^2 / ...``) runs
-    once for the stack of the layers' statistics (``jax.vmap``), so that its
-    kernels are counted per shape, not per layer.
-
-    Returns:
-      ``{name: new running statistics}``; the new gradients are written into
-      ``leaves``.
-    """
-    layer = tree.layers[names[0]]
-    spec = specs[names[0]]
-    dtype = state.running_stats[names[0]].mean.dtype
-    layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
-        eps1, eps2, rho, dtype)
-    new_running, used = {}, []
-    for name in names:
-      running = update_running_stats(
-          state.running_stats[name], stats[name], layer_rho)
-      new_running[name] = running
-      used.append(debiased(running, layer_rho, count) if debias else running)
-
-    def factors_of(running, batch_size, positions):
-      return layer_factors(
-          running, spec, layer.kernel_shape, batch_size=batch_size,
-          positions=positions, eps1=layer_eps1, eps2=layer_eps2)
-
-    sizes = [(stats[n].batch_size, stats[n].positions) for n in names]
-    if len(names) == 1 or not _GROUP_VECTOR_WORK:
-      factors = [factors_of(u, *size) for u, size in zip(used, sizes)]
-    else:
-      stack = lambda *xs: jnp.stack(xs)
-      stacked = jax.vmap(factors_of)(
-          jax.tree.map(stack, *used),
-          *(jnp.stack([jnp.asarray(s[i], jnp.float32) for s in sizes])
-            for i in (0, 1)))
-      factors = _unstack(stacked, len(names))
-    for name, layer_factors_ in zip(names, factors):
-      layer = tree.layers[name]
-      bias = None if layer.bias_index is None else leaves[layer.bias_index]
-      new_kernel, new_bias = apply_factors(
-          leaves[layer.kernel_index], bias, layer_factors_, spec)
-      leaves[layer.kernel_index] = new_kernel
-      if new_bias is not None:
-        leaves[layer.bias_index] = new_bias
-    return new_running
-
   def update_fn(
       updates: optax.Updates,
       state: ScaleByBNPState,
@@ -639,20 +515,36 @@ def scale_by_bnp(
       )
     count = optax.safe_increment(state.count)
     leaves = list(tree.leaves)
-    groups: dict[Any, list[str]] = {}
+    new_running = {}
     for name, layer in tree.layers.items():
       spec = specs[name]
       running = state.running_stats[name]
       if running.mean.shape != spec.statistics_shape(layer.kernel_shape):
         raise ValueError(layers_lib.state_mismatch_message(
             name, running.mean.shape, spec, layer.kernel_shape))
-      key = _group_key(layer, spec, running, leaves)
-      groups.setdefault(key, []).append(name)
-    new_running = {}
-    for names in groups.values():
-      new_running.update(update_group(names, tree, specs, state, stats,
-                                      leaves, count))
-    new_running = {name: new_running[name] for name in tree.layers}
+      batch = stats[name]
+      layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
+          eps1, eps2, rho, running.mean.dtype)
+      running = update_running_stats(running, batch, layer_rho)
+      new_running[name] = running
+      if debias:
+        running = debiased(running, layer_rho, count)
+      bias_grad = (
+          None if layer.bias_index is None else leaves[layer.bias_index]
+      )
+      new_kernel, new_bias = precondition_layer(
+          leaves[layer.kernel_index],
+          bias_grad,
+          running,
+          spec,
+          batch_size=batch.batch_size,
+          positions=batch.positions,
+          eps1=layer_eps1,
+          eps2=layer_eps2,
+      )
+      leaves[layer.kernel_index] = new_kernel
+      if new_bias is not None:
+        leaves[layer.bias_index] = new_bias
     new_updates = jax.tree_util.tree_unflatten(tree.treedef, leaves)
     return new_updates, ScaleByBNPState(
         count=count, running_stats=new_running
