@@ -516,6 +516,7 @@ def scale_by_bnp(
     count = optax.safe_increment(state.count)
     leaves = list(tree.leaves)
     new_running = {}
+    clipped = {}
     for name, layer in tree.layers.items():
       spec = specs[name]
       running = state.running_stats[name]
@@ -523,8 +524,10 @@ def scale_by_bnp(
         raise ValueError(layers_lib.state_mismatch_message(
             name, running.mean.shape, spec, layer.kernel_shape))
       batch = stats[name]
-      layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
-          eps1, eps2, rho, running.mean.dtype)
+      dtype = jnp.dtype(running.mean.dtype)
+      if dtype not in clipped:  # once per dtype, not per layer
+        clipped[dtype] = clip_hyperparameters(eps1, eps2, rho, dtype)
+      layer_eps1, layer_eps2, layer_rho = clipped[dtype]
       running = update_running_stats(running, batch, layer_rho)
       new_running[name] = running
       if debias:
