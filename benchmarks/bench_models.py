@@ -58,10 +58,11 @@ def DeepMLP(*, batch_norm: bool = False, num_classes: int = 10,
   """A plain MLP of ``depth`` hidden Dense layers of ``width`` units, ReLU.
 
   The compile-time depth cases: every hidden layer has the same shape, so
-  the per-layer work of the optimizer can be shared by shape.
+  XLA can share the kernels of their identical per-layer computations.
   """
-  return _models.FullyConnected(norm=_norm(batch_norm), hidden=(width,) * depth,
-                                num_classes=num_classes, train=True)
+  return experiments.FullyConnected(
+      norm=_norm(batch_norm), hidden=(width,) * depth,
+      num_classes=num_classes, train=True)
 
 
 def CifarResNet(*, batch_norm: bool = False, num_classes: int = 10,
@@ -70,6 +71,6 @@ def CifarResNet(*, batch_norm: bool = False, num_classes: int = 10,
   if (depth - 2) % 6:
     raise ValueError(f'a CIFAR ResNet has depth 6n + 2, got {depth}')
   n = (depth - 2) // 6
-  return _models.ResNet(
+  return experiments.ResNet(
       norm=_norm(batch_norm), num_classes=num_classes, stage_sizes=(n,) * 3,
       stage_filters=(16, 32, 64), conv_bias=not batch_norm, train=True)
