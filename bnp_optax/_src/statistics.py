@@ -80,22 +80,32 @@ def statistics_dtype(dtype) -> jnp.dtype:
   return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-# Up to this many rows, XLA:CPU sums columns faster as a GEMV (below).
+# Up to this many rows, XLA:CPU sums columns faster as a GEMV (below)...
 _CPU_GEMV_MAX_ROWS = 128
+# ... when there are at least this many columns. XLA:CPU compiles every
+# matrix-vector product separately (an LLVM kernel each, never shared
+# between layers of the same shape, where identical fusions are), so a
+# GEMV per layer made the compile time grow with depth.
+_CPU_GEMV_MIN_COLUMNS = 256
 
 
 def _column_sums(rows: jax.Array) -> jax.Array:
-  """``rows.sum(0)``; on CPU, for few rows, as a matrix-vector product.
+  """``rows.sum(0)``; on CPU, for few wide rows, as a matrix-vector product.
 
   XLA:CPU runs the column reduction of a short, wide ``(rows, features)``
-  matrix several times slower than the library GEMV ``1^T rows``. With more
+  matrix several times slower than the library GEMV ``1^T rows``, but
+  compiles every GEMV on its own, one per layer, where the identical
+  reductions of same-shape layers share one kernel: narrow inputs (fewer
+  than ``_CPU_GEMV_MIN_COLUMNS`` features) are reduced, so that a deep
+  network's compile time does not grow with a GEMV per layer. With more
   rows the GEMV loses: its operand must be materialised (the squared
   deviations, a temporary the size of the layer input), where the reduction
   fuses with its producer (the timings are in ``benchmarks/RESULTS.md``,
   "Timings behind the library's choices"). Other platforms always reduce.
   ``HIGHEST`` keeps the sums in full float32.
   """
-  if rows.shape[0] > _CPU_GEMV_MAX_ROWS:
+  if (rows.shape[0] > _CPU_GEMV_MAX_ROWS
+      or rows.shape[1] < _CPU_GEMV_MIN_COLUMNS):
     return jnp.sum(rows, axis=0)
 
   def as_product(rows):
@@ -162,6 +172,11 @@ def _shifted_two_pass(
     The means, their residuals (see ``LayerStats.mean_residual``) and the
     variances.
   """
+  if rows.shape[0] == 1:
+    # What the passes compute for one row, exactly, without their kernels
+    # (a Dense layer at batch size 1, online learning).
+    zeros = jnp.zeros_like(rows[0])
+    return rows[0], zeros, zeros
   fold = _fold_factor(rows)
   if fold == 1:
     return _shifted_two_pass_folded(rows, 1)

@@ -287,22 +287,18 @@ def _absorbed_sum(
 ) -> jax.Array:
   """``sum_{window, fan-in} (mu / s) G_w``, indexed like the bias.
 
-  Without a window (Dense) a contraction, which XLA:CPU runs as a library
-  GEMV. With one (convolutions) a fused multiply-and-reduce over the window
-  and fan-in axes: XLA:CPU emits a convolution's kernel gradient in
+  A fused multiply-and-reduce over the window and fan-in axes. For
+  convolutions: XLA:CPU emits a convolution's kernel gradient in
   ``(c_in, *window, c_out)`` order, and the contraction ``c,abcd->d`` made it
   copy that gradient into the kernel's layout and then sum the window in a
-  reduction several times slower than the copy (the timings are in
-  ``benchmarks/RESULTS.md``, "Timings behind the library's choices"); the
-  fused reduction reads the gradient once, where it lies.
+  reduction several times slower than the copy; the fused reduction reads
+  the gradient once, where it lies. For Dense layers the contraction is a
+  matrix-vector product, which XLA:CPU compiles anew for every layer (an
+  LLVM kernel each), where identical fusions of same-shape layers share one
+  kernel, so a deep MLP's compile time grew with its depth. The timings are
+  in ``benchmarks/RESULTS.md``, "Timings behind the library's choices" and
+  "Compile time against depth".
   """
-  if not view.spatial:
-    letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view.shape)]
-    return jnp.einsum(
-        ''.join(letters[p] for p in view.statistics_axes) + ',' + letters
-        + '->' + ''.join(letters[p] for p in view.bias_axes),
-        scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
-    )
   kept = sorted(view.bias_axes)
   summed = tuple(a for a in range(len(view.shape)) if a not in kept)
   product = view.place(scaled_mean, view.statistics_axes) * g_w
@@ -601,6 +597,7 @@ def scale_by_bnp(
     count = optax.safe_increment(state.count)
     leaves = list(tree.leaves)
     new_running = {}
+    clipped = {}
     for name, layer in tree.layers.items():
       if name not in specs:  # refused by the capture: passed through
         new_running[name] = state.running_stats[name]
@@ -611,8 +608,10 @@ def scale_by_bnp(
         raise ValueError(layers_lib.state_mismatch_message(
             name, running.mean.shape, spec, layer.kernel_shape))
       batch = stats[name]
-      layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
-          eps1, eps2, rho, running.mean.dtype)
+      dtype = jnp.dtype(running.mean.dtype)
+      if dtype not in clipped:  # once per dtype, not per layer
+        clipped[dtype] = clip_hyperparameters(eps1, eps2, rho, dtype)
+      layer_eps1, layer_eps2, layer_rho = clipped[dtype]
       # A layer that saw no input (inside a scan of length 0) has nothing
       # to estimate: its running statistics and gradient stay unchanged.
       has_data = statistics.has_data(batch)
