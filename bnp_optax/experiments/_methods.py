@@ -36,6 +36,10 @@ METHODS = {
         Method('bnp_gn', 'BNP+GN', 'gn', True),
         # Summers and Dinneen (2020), see _bn4.py.
         Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam'),
+        # AdamW (decoupled weight decay, --weight-decay) and BNP chained
+        # before it: the Transformer comparison (docs/transformers.md).
+        Method('adamw', 'AdamW', 'none', False, optimizer='adamw'),
+        Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw'),
     )
 }
 

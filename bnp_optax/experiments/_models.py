@@ -47,6 +47,7 @@ import optax
 
 from bnp_optax.experiments import _batch_renorm
 from bnp_optax.experiments import _bn4
+from bnp_optax.experiments import _vit
 
 NORMS = ('none', 'bn', 'renorm', 'ln', 'gn', 'bn4')
 
@@ -290,8 +291,12 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=_glorot, bias_init=_zeros)(x)
 
 
+# The ViT's normalisation is part of the model (``_vit.py``): LayerNorm in
+# ``vit``, Dynamic Tanh in ``vit_dyt``, none in ``vit_nonorm``; the method's
+# ``norm`` must be ``'none'`` (no layer added).
+VIT_MODELS = {'vit': 'ln', 'vit_dyt': 'dyt', 'vit_nonorm': 'none'}
 MODELS = ('fc', 'fc2', 'cnn5', 'flax_mnist_cnn', 'resnet110',
-          'preact_resnet110', 'resnet18')
+          'preact_resnet110', 'resnet18') + tuple(VIT_MODELS)
 
 
 def make_model(name: str, norm: str, num_classes: int, *,
@@ -330,6 +335,12 @@ def make_model(name: str, norm: str, num_classes: int, *,
     return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(n, n, n),
                   preact=name.startswith('preact'), init_scale=init_scale,
                   conv_bias=conv_bias, bn4=bn4)
+  if name in VIT_MODELS:
+    if norm != 'none':
+      raise ValueError(
+          f'model {name!r} has its own normalisation ({VIT_MODELS[name]!r}); '
+          f"use a method without one (norm 'none'), not {norm!r}")
+    return _vit.ViT(num_classes=num_classes, norm=VIT_MODELS[name])
   if name == 'resnet18':
     return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(2, 2, 2, 2),
                   stage_filters=(64, 128, 256, 512), imagenet_stem=True,
