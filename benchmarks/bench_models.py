@@ -17,9 +17,12 @@ BatchNorm variants use and update batch statistics):
   case meant for a GPU. Its BatchNorm variant is the usual conv-BN-ReLU
   placement; the vanilla variant has no normalisation (and convolution
   biases, which BNP centres with).
+- ``ViT``: the small Vision Transformer of ``docs/transformers.md``
+  (LayerNorm), for the step ratios against SGD and AdamW.
 """
 
 from bnp_optax.experiments import _models
+from bnp_optax.experiments import _vit
 
 # pylint: disable=invalid-name  (classes in spirit: they build modules)
 
@@ -51,3 +54,14 @@ def ResNet18(*, batch_norm: bool = False, num_classes: int = 10):
       norm=_norm(batch_norm), num_classes=num_classes,
       stage_sizes=(2, 2, 2, 2), stage_filters=(64, 128, 256, 512),
       conv_bias=not batch_norm, train=True)
+
+
+def ViT(*, batch_norm: bool = False, num_classes: int = 10):
+  """The small ViT of docs/transformers.md, with LayerNorm in both variants.
+
+  A Transformer has no BatchNorm variant: ``batch_norm`` is ignored, and
+  the comparison is between base optimizers (``sgd``, ``adamw``) and BNP
+  before them.
+  """
+  del batch_norm
+  return _vit.ViT(num_classes=num_classes, norm='ln')

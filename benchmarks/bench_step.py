@@ -5,6 +5,7 @@ Run from the repository root::
   python benchmarks/bench_step.py                      # FC and CNN cases
   python benchmarks/bench_step.py --cases fc60 cnn128 --steps 500
   python benchmarks/bench_step.py --cases resnet      # meant for a GPU
+  python benchmarks/bench_step.py --cases vit --variants sgd bnp adamw bnp_adamw
   python benchmarks/bench_step.py --out results.json --hlo-dir hlo/
 
 For every case, each variant's step (forward, backward, optimizer update,
@@ -102,6 +103,8 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
       Case('cnn128same', same, (32, 32, 3), 128, 100),
       Case('resnet18', resnet, (32, 32, 3), 32, 10),
       Case('resnet', resnet, (32, 32, 3), resnet_batch, 100 if on_gpu else 3),
+      # The ViT of docs/transformers.md (LayerNorm in every variant).
+      Case('vit128', bench_models.ViT, (32, 32, 3), 128, 30),
   ]
   return {c.name: c for c in cases}
 
@@ -117,15 +120,16 @@ GROUPS = {
     # The cases of the performance issue: large feature maps, ResNet-18.
     'targets': ['cnn128', 'cnn128same', 'resnet18', 'fc60w4096'],
     'table1': ['table1-bs16', 'table1-bs256', 'table1-bs512'],
+    'vit': ['vit128'],
 }
 
 
 # A variant is a function (case, params_vanilla, params_bn) returning the
 # step function and its initial state; step(state, x, y) -> (state, loss).
-def sgd_variant(case, vanilla, bn_vars):
+def sgd_variant(case, vanilla, bn_vars, tx=None):
   del bn_vars
   model = case.model(batch_norm=False)
-  tx = optax.sgd(LEARNING_RATE)
+  tx = tx or optax.sgd(LEARNING_RATE)
 
   def step(state, x, y):
     params, opt_state = state
@@ -138,10 +142,16 @@ def sgd_variant(case, vanilla, bn_vars):
   return step, (vanilla, tx.init(vanilla))
 
 
-def bnp_variant(case, vanilla, bn_vars):
+def bnp_variant(case, vanilla, bn_vars, base=None):
+  """BNP + SGD, or BNP chained before ``base`` (e.g. AdamW)."""
   del bn_vars
   model = case.model(batch_norm=False)
-  tx = bnp_optax.bnp(LEARNING_RATE)
+  # Layouts up front: needed for DenseGeneral kernels (the ViT's attention).
+  specs = bnp_optax.linen.layer_specs(
+      model, {'params': vanilla},
+      jax.ShapeDtypeStruct((case.batch_size, *case.input_shape), jnp.float32))
+  tx = (bnp_optax.bnp(LEARNING_RATE, layer_specs=specs) if base is None else
+        optax.chain(bnp_optax.scale_by_bnp(layer_specs=specs), base))
 
   def step(state, x, y):
     params, opt_state = state
@@ -218,6 +228,9 @@ VARIANTS: dict[str, Callable[..., Any]] = {
     'bnp': bnp_variant,
     'bn': bn_variant,
     'sgdstats': sgd_stats_variant,
+    'adamw': functools.partial(sgd_variant, tx=optax.adamw(LEARNING_RATE)),
+    'bnp_adamw': functools.partial(bnp_variant,
+                                   base=optax.adamw(LEARNING_RATE)),
 }
 
 
@@ -428,7 +441,8 @@ def _ratios(times, v, cpu_times=None) -> dict[str, Any]:
   names = list(times)
   for a in names:
     for b in names:
-      if a == b or b not in ('sgd', 'bn') or (a == 'sgd' and b == 'bn'):
+      if a == b or b not in ('sgd', 'bn', 'adamw') or (
+          a == 'sgd' and b == 'bn') or (b == 'adamw' and a != 'bnp_adamw'):
         continue
       ta, tb = np.asarray(times[a]), np.asarray(times[b])
       out[f'{a}/{b}'] = {

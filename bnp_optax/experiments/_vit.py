@@ -52,7 +52,8 @@ class DyT(nn.Module):
                        ())
     scale = self.param('scale', nn.initializers.ones, (features,))
     bias = self.param('bias', _zeros, (features,))
-    return scale * jnp.tanh(alpha * x) + bias
+    shape = (1,) * (x.ndim - 1) + (features,)
+    return jnp.tanh(alpha * x) * scale.reshape(shape) + bias.reshape(shape)
 
 
 def _norm(kind: str):

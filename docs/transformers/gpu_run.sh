@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The ViT comparison of docs/transformers.md on one GPU, about 4 minutes.
+#
+# Ten (suite, method) pairs run as ten processes side by side on the one GPU
+# (a 140k-parameter ViT is far too small to fill it alone), each over its
+# learning-rate grid (3 rates) and SEEDS seeds on a held-out split:
+#
+#   vit-ln:     vanilla (SGD+momentum), bnp (BNP+SGD+momentum), adamw, bnp_adamw
+#   vit-none:   the same four without any normalisation
+#   vit-dyt:    vanilla, adamw with Dynamic Tanh
+#
+# 60 runs at the defaults. Per run: EPOCHS epochs of floor(n / 128) steps,
+# n = the training images of DATA_DIR/cifar10 minus the 10% held out (or
+# TRAIN_SUBSET when set): 8 epochs of 351 steps (2,808 steps) on the full
+# CIFAR-10, 8 x 70 = 560 steps on a 10,000-image subset.
+#
+# Usage (from the repository root; data in the harness's cifar10 format,
+# DATA_DIR/cifar10/cifar10_{train,test}.npz):
+#
+#   DATA_DIR=gpu_data bash docs/transformers/gpu_run.sh
+#   python docs/transformers/build.py      # page tables and figure
+#
+# Environment: DATA_DIR (gpu_data), OUT (docs/transformers/runs/gpu),
+# EPOCHS (8), SEEDS (2x: seeds 0,1), TRAIN_SUBSET (all), TEST_SUBSET (all),
+# PYTHON (python3). Reruns skip the runs already written (--skip-existing).
+set -u
+cd "$(dirname "$0")/../.."
+DATA_DIR=${DATA_DIR:-gpu_data}
+OUT=${OUT:-docs/transformers/runs/gpu}
+EPOCHS=${EPOCHS:-8}
+SEEDS=${SEEDS:-2x}
+PYTHON=${PYTHON:-python3}
+SUBSETS=()
+[ -n "${TRAIN_SUBSET:-}" ] && SUBSETS+=(--train-subset "$TRAIN_SUBSET")
+[ -n "${TEST_SUBSET:-}" ] && SUBSETS+=(--test-subset "$TEST_SUBSET")
+export PYTHONPATH=${PYTHONPATH:-.}
+# Ten processes share the GPU: no process may take most of its memory.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+mkdir -p "$OUT/logs"
+
+SGD_GRID=0.01,0.03,0.1
+ADAMW_GRID=0.0003,0.001,0.003
+
+run() {  # suite method grid
+  "$PYTHON" -m bnp_optax.experiments suite "$1" --methods "$2" \
+    --lr-grid "$2:$3" --validation-split 0.1 --seeds "$SEEDS" \
+    --epochs "$EPOCHS" "${SUBSETS[@]}" --data-dir "$DATA_DIR" --out "$OUT" \
+    --checkpoint never --no-progress --skip-existing \
+    --sweep-summary "$OUT/sweep-$1-$2.json" \
+    > "$OUT/logs/$1-$2.log" 2>&1
+  echo "$1 $2: exit $?"
+}
+
+start=$(date +%s)
+for suite in vit-ln vit-none; do
+  run "$suite" vanilla "$SGD_GRID" &
+  run "$suite" bnp "$SGD_GRID" &
+  run "$suite" adamw "$ADAMW_GRID" &
+  run "$suite" bnp_adamw "$ADAMW_GRID" &
+done
+run vit-dyt vanilla "$SGD_GRID" &
+run vit-dyt adamw "$ADAMW_GRID" &
+wait
+echo "all done in $(( $(date +%s) - start ))s; runs: $(find "$OUT" -name 'vit*-seed*.json' | wc -l)"
