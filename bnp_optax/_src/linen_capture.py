@@ -154,36 +154,13 @@ def intercept_layer(
     yield
 
 
-def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
-  """Statistics stacked by nn.scan/nn.vmap: one independent layer a slice.
-
-  The stacked leading axes become independent axes of the layer (its kernel
-  is stacked the same way); the scalars, equal for slices that see batches
-  of the same size, are averaged.
-  """
-  lead = stats.count.ndim
-  if lead == 0:
-    return stats
-  axes = tuple(range(lead))
-  spec = stats.spec
-  if spec is not None:
-    shift = lambda t: tuple(a + lead for a in t)
-    spec = layout.LayerSpec(
-        spatial_axes=shift(spec.spatial_axes),
-        fan_in_axes=shift(spec.fan_in_axes),
-        independent_axes=axes + shift(spec.independent_axes),
-        feature_groups=spec.feature_groups,
-    )
-  return stats.replace(
-      count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
-      positions=stats.positions.mean(axes), spec=spec)
-
-
 def _collect(tree: Mapping[str, Any]) -> Any:
   """Turns the sown collection into ``{name: {...: LayerStats}}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
-  which are merged exactly (see :func:`merge_statistics`).
+  which are merged exactly (see :func:`merge_statistics`); statistics
+  stacked by ``nn.scan``/``nn.vmap`` are one layer a slice (see
+  :func:`statistics.unstack`).
   """
   result = {}
   for key, value in tree.items():
@@ -192,7 +169,7 @@ def _collect(tree: Mapping[str, Any]) -> Any:
     result[key] = _collect(value)
   if _SOW_NAME in tree:
     merged = statistics.merge_statistics(
-        [_unstack(s) for s in tree[_SOW_NAME]])
+        [statistics.unstack(s) for s in tree[_SOW_NAME]])
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
