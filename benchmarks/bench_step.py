@@ -292,11 +292,21 @@ def _float_count(tree) -> int:
   )
 
 
-def _expected_bnp_floats(params) -> int:
-  """Two vectors of fan-in features per layer with a kernel of ndim >= 2."""
+def _expected_bnp_floats(params, specs=None) -> int:
+  """Two vectors of fan-in features per layer with a kernel of ndim >= 2.
+
+  ``specs`` (``{layer path: LayerSpec}``) give the fan-in of kernels that
+  are not Dense/Conv kernels (DenseGeneral).
+  """
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2:
+    layer = '/'.join(str(getattr(k, 'key', k)) for k in path[:-1])
+    spec = (specs or {}).get(layer)
+    if (getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2
+        and spec is not None and leaf.ndim > 2 and not spec.spatial_axes):
+      axes = spec.independent_axes + spec.fan_in_axes
+      total += 2 * math.prod(leaf.shape[a] for a in axes)
+    elif getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2:
       total += 2 * (leaf.shape[0] if leaf.ndim == 2 else leaf.shape[-2])
   return total
 
@@ -396,8 +406,9 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
         'opt_state_floats': _float_count(opt_state),
         'param_floats': _float_count(states[name][0]),
     }
-    if name not in ('sgd', 'bn', 'sgdstats'):  # a BNP variant
-      expected = _expected_bnp_floats(vanilla)
+    if name not in ('sgd', 'bn', 'sgdstats', 'adamw', 'bnp_adamw'):  # BNP
+      expected = _expected_bnp_floats(vanilla, bnp_optax.linen.layer_specs(
+          case.model(batch_norm=False), {'params': vanilla}, x))
       got = _float_count(opt_state)
       result['variants'][name]['opt_state_expected_floats'] = expected
       assert got == expected, (

@@ -210,9 +210,34 @@ def figure(summary: dict, output: pathlib.Path) -> pathlib.Path | None:
   return output
 
 
+INPUT_STATS = HERE / 'input_stats_cpu.json'
+KINDS = ('patch embedding', 'attention q/k/v', 'attention output',
+         'MLP first layer', 'MLP second layer (post-GELU)', 'head')
+
+
+def input_stats_table() -> str:
+  """Markdown: off-centre and scale spread of every projection's inputs."""
+  if not INPUT_STATS.exists():
+    return '*Not measured.*'
+  data = json.loads(INPUT_STATS.read_text())['models']
+  models = [m for m in ('vit', 'vit_dyt', 'vit_nonorm') if m in data]
+  head = ' | '.join(f'{NORM_OF[m]}: median abs(mean)/std; max/min std'
+                    for m in models)
+  lines = [f'| projection | {head} |',
+           '| --- |' + ' --- |' * len(models)]
+  for k in KINDS:
+    cells = []
+    for m in models:
+      v = data[m][k]
+      cells.append(f'{v["median_abs_mean_over_std"]:.2f}; '
+                   f'{v["std_max_over_min"]:.1f}')
+    lines.append(f'| {k} | {" | ".join(cells)} |')
+  return '\n'.join(lines)
+
+
 def blocks() -> dict[str, str]:
   """The page's generated tables, ``{marker id: markdown}``."""
-  out = {}
+  out = {'input-stats': input_stats_table()}
   for run_set in SETS:
     summary = summarize(load(run_set))
     table = results_table(summary)
@@ -229,10 +254,11 @@ def render(page: str, tables: dict[str, str]) -> str:
   for name, text in tables.items():
     pattern = re.compile(
         rf'(<!-- BEGIN numbers {re.escape(name)} -->\n).*?'
-        rf'(\n<!-- END numbers {re.escape(name)} -->)', re.S)
+        rf'(<!-- END numbers {re.escape(name)} -->)', re.S)
     if not pattern.search(page):
       raise ValueError(f'{PAGE.name}: no markers for {name!r}')
-    page = pattern.sub(lambda m, t=text: m.group(1) + t + m.group(2), page)
+    page = pattern.sub(lambda m, t=text: m.group(1) + t + '\n' + m.group(2),
+                       page)
   return page
 
 
