@@ -235,9 +235,41 @@ def input_stats_table() -> str:
   return '\n'.join(lines)
 
 
+BENCH = HERE / 'bench_vit_cpu.json'
+
+
+def cost_table() -> str:
+  """Markdown: the step benchmark's ViT case (BNP against its base)."""
+  if not BENCH.exists():
+    return '*Not measured.*'
+  bench = json.loads(BENCH.read_text())
+  lines = ['| pair | step time ratio, paired (wall; CPU time) | compile '
+           'ratio (wall; CPU time) | peak memory MB (BNP; base) | median '
+           'step ms (BNP; base) |', '| --- | --- | --- | --- | --- |']
+  for r in bench['results']:
+    v = r['variants']
+    for pair in ('bnp/sgd', 'bnp_adamw/adamw'):
+      if pair not in r['ratios']:
+        continue
+      a, b = pair.split('/')
+      q = r['ratios'][pair]
+      mem = [v[n]['memory']['peak_bytes'] / 2**20 if v[n]['memory'] else
+             math.nan for n in (a, b)]
+      lines.append(
+          f'| {a} / {b} (batch {r["batch_size"]}) | {q["paired"]:.3f}; '
+          f'{q["paired_cpu"]:.3f} | {q["compile"]:.2f}; '
+          f'{q["compile_cpu"]:.2f} | {mem[0]:.1f}; {mem[1]:.1f} | '
+          f'{v[a]["median_ms"]:.1f}; {v[b]["median_ms"]:.1f} |')
+  d = bench['device']
+  lines.append('')
+  lines.append(f'{d["platform"]} ({d["cpu_count"]} cores, shared), jax '
+               f'{d["jax"]}; {bench["args"]["steps"]} interleaved rounds.')
+  return '\n'.join(lines)
+
+
 def blocks() -> dict[str, str]:
   """The page's generated tables, ``{marker id: markdown}``."""
-  out = {'input-stats': input_stats_table()}
+  out = {'input-stats': input_stats_table(), 'cost': cost_table()}
   for run_set in SETS:
     summary = summarize(load(run_set))
     table = results_table(summary)
