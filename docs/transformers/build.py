@@ -106,9 +106,9 @@ def results_table(summary: dict) -> str:
   """Markdown: one row per configuration at its selected rate."""
   if not summary:
     return '*No committed runs.*'
-  c = next(iter(summary.values()))['config']
+  c = summary.get(('vit', 'adamw'), next(iter(summary.values())))['config']
   lines = ['| normalisation | optimizer | held-out accuracy % per rate '
-           '(mean over seeds; * selected) | seeds | test accuracy % at the '
+           '(mean over seeds; bold: selected) | seeds | test accuracy % at the '
            'selected rate, mean (min-max) | final train loss |',
            '| --- | --- | --- | --- | --- | --- |']
   for key in ORDER:
@@ -117,9 +117,10 @@ def results_table(summary: dict) -> str:
     s = summary[key]
     rates = []
     for rate, (score, diverged) in s['rates'].items():
-      text = 'diverged' if diverged else (
+      text = 'diverged*' if diverged else (
           'n/a' if score is None else f'{100 * score:.1f}')
-      rates.append(f'{rate:g}: {text}' + ('*' if rate == s['best'] else ''))
+      rates.append(f'{rate:g}: ' + (f'**{text}**' if rate == s['best']
+                                    else text))
     runs = s['runs']
     test = [r['final']['test_accuracy'] for r in runs]
     loss = [r['final']['train_loss'] for r in runs]
@@ -131,11 +132,14 @@ def results_table(summary: dict) -> str:
   lines.append('')
   lines.append(
       f'ViT (patch 4, width 64, depth 4, 4 heads, MLP 128; '
-      f'{c["num_params"]:,} parameters with LayerNorm), CIFAR-10, batch '
+      f'{c["num_params"]:,} parameters in the {NORM_OF[c["model"]]} ViT), '
+      'CIFAR-10, batch '
       f'{c["batch_size"]}, {c["epochs"]} epochs of {c["steps_per_epoch"]} '
       f'steps on {c["num_train"]:,} training images, rate selected on '
       f'{c["num_validation"]:,} held-out images, test on {c["num_test"]:,}; '
-      'AdamW with decoupled weight decay 0.05, momentum 0.9.')
+      'AdamW with decoupled weight decay 0.05, momentum 0.9. diverged*: '
+      "the harness's rule, a non-finite loss or a final training loss above "
+      "the untrained network's held-out loss (the rate is then out).")
   return '\n'.join(lines)
 
 
@@ -174,8 +178,10 @@ def figure(summary: dict, output: pathlib.Path) -> pathlib.Path | None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (left, middle, right) = plt.subplots(
-      1, 3, figsize=(13, 3.8), gridspec_kw={'width_ratios': [1, 1, 1.3]})
+      1, 3, figsize=(14, 4), layout='constrained',
+      gridspec_kw={'width_ratios': [1, 1, 1.2]})
   styles = {'vit': '-', 'vit_dyt': ':', 'vit_nonorm': '--'}
+  markers = {'vit': 'o', 'vit_dyt': 's', 'vit_nonorm': '^'}
   colours = {'vanilla': 'tab:blue', 'bnp': 'tab:red', 'adamw': 'tab:green',
              'bnp_adamw': 'tab:purple'}
   keys = [k for k in ORDER if k in summary]
@@ -184,10 +190,17 @@ def figure(summary: dict, output: pathlib.Path) -> pathlib.Path | None:
     ax = left if key[1] in ('vanilla', 'bnp') else middle
     rates = [r for r, (v, d) in s['rates'].items() if v is not None and not d]
     ax.plot(rates, [100 * s['rates'][r][0] for r in rates],
-            linestyle=styles[key[0]], color=colours[key[1]], marker='o',
+            linestyle=styles[key[0]], color=colours[key[1]],
+            marker=markers[key[0]],
             label=f'{NORM_OF[key[0]]}, {OPTIMIZER_OF[key[1]]}')
-  for ax, title in ((left, 'SGD + momentum'), (middle, 'AdamW')):
+  grids = collections.defaultdict(set)
+  for key in keys:
+    grids[key[1] in ('vanilla', 'bnp')].update(summary[key]['rates'])
+  for ax, title, sgd in ((left, 'SGD + momentum', True),
+                         (middle, 'AdamW', False)):
     ax.set_xscale('log')
+    ax.set_xticks(sorted(grids[sgd]), [f'{r:g}' for r in sorted(grids[sgd])])
+    ax.minorticks_off()
     ax.set_xlabel('learning rate')
     ax.set_ylabel('held-out accuracy %')
     ax.set_title(title)
@@ -201,9 +214,11 @@ def figure(summary: dict, output: pathlib.Path) -> pathlib.Path | None:
     right.plot(t, [i] * len(t), 'k.')
   right.set_yticks(y, [f'{NORM_OF[k[0]]}, {OPTIMIZER_OF[k[1]]}'
                        for k in keys], fontsize=8)
+  flat = [v for t in tests for v in t]
+  if flat:
+    right.set_xlim(max(0.0, min(flat) - 5), max(flat) + 2)
   right.invert_yaxis()
   right.set_xlabel('test accuracy % at the selected rate (dots: seeds)')
-  fig.tight_layout()
   output.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(output, dpi=110)
   plt.close(fig)
