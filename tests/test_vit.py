@@ -20,6 +20,7 @@ from bnp_optax.experiments import _vit
 
 _SHAPE = (8, 8, 3)  # 4 patches of 4x4
 _METHODS = ('vanilla', 'bnp', 'adamw', 'bnp_adamw')
+_VIT_NORMS = {'vit': 'ln', 'vit_dyt': 'dyt', 'vit_nonorm': 'none'}
 
 
 class _TinyViT(_vit.ViT):
@@ -56,7 +57,7 @@ def test_vit_and_method_takes_a_step(model, method):
   moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state[0],
                        trainer.state[0])
   assert all(jax.tree.leaves(moved['block_0'])), moved['block_0']
-  norm = _models.VIT_MODELS[model]
+  norm = _VIT_NORMS[model]
   names = set(state[0]['block_0'])
   assert {'LayerNorm_0', 'LayerNorm_1'} <= names if norm == 'ln' else (
       'LayerNorm_0' not in names)
@@ -68,7 +69,7 @@ def test_vit_norm_must_come_from_the_model():
     _models.make_model('vit', 'ln', 10)
 
 
-@pytest.mark.parametrize('model', list(_models.VIT_MODELS))
+@pytest.mark.parametrize('model', list(_VIT_NORMS))
 def test_bnp_covers_every_projection_of_the_vit(model):
   vit = _models.make_model(model, 'none', 10)
   x = jnp.ones((2,) + _SHAPE)

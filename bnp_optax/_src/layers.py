@@ -248,7 +248,12 @@ def _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
 def flatten_layer_stats(
     layer_stats: Any,
 ) -> dict[str, statistics.LayerStats]:
-  """``{layer path: LayerStats}`` from the tree the integrations return."""
+  """``{layer path: LayerStats}`` from the ``layer_stats`` given to update.
+
+  Every capture route returns this flat dict already; a tree nested by path
+  (``{'Block_0': {'Dense_1': stats}}``) or, for a model that is one layer, a
+  bare ``LayerStats`` (``'<root>'``) is flattened to it.
+  """
   is_stats = lambda x: isinstance(x, statistics.LayerStats)
   flat = jax.tree_util.tree_flatten_with_path(layer_stats, is_leaf=is_stats)[0]
   result = {}

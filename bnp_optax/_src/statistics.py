@@ -84,16 +84,12 @@ def _column_sums(rows: jax.Array) -> jax.Array:
   """``rows.sum(0)``; on CPU, for few rows, as a matrix-vector product.
 
   XLA:CPU runs the column reduction of a short, wide ``(rows, features)``
-  matrix several times slower than the library GEMV ``1^T rows`` (about
-  65 us against ~10 us for the paper's ``60 x 784`` input on a 2-core x86
-  machine, jaxlib 0.10). With more rows the GEMV loses: its operand must be
-  materialised (the squared deviations, a temporary the size of the layer
-  input), where the reduction fuses with its producer. Measured in one
-  interleaved run (``benchmarks/RESULTS.md``, BNP step / SGD step): FC
-  batch 60 1.14 (GEMV) vs 1.17 (reduction), batch 512 1.11 (GEMV for all)
-  vs 1.07 (reduction), CNN batch 2 1.07 (GEMV for all) vs 1.02 (GEMV for
-  the Dense layers only). Other platforms always reduce. ``HIGHEST`` keeps
-  the sums in full float32.
+  matrix several times slower than the library GEMV ``1^T rows``. With more
+  rows the GEMV loses: its operand must be materialised (the squared
+  deviations, a temporary the size of the layer input), where the reduction
+  fuses with its producer (the timings are in ``benchmarks/RESULTS.md``,
+  "Timings behind the library's choices"). Other platforms always reduce.
+  ``HIGHEST`` keeps the sums in full float32.
   """
   if rows.shape[0] > _CPU_GEMV_MAX_ROWS:
     return jnp.sum(rows, axis=0)
@@ -178,14 +174,13 @@ def _fold_factor(rows: jax.Array) -> int:
   """How many rows :func:`_shifted_two_pass` sums side by side on CPU.
 
   XLA:CPU sums the columns of a tall matrix with short rows at a fraction of
-  memory bandwidth: both passes over the ``(131072, 3)`` input of a CNN's
-  first convolution took ~1.24 ms, against ~0.26 ms with the matrix seen as
-  ``(131072 / 32, 32 * 3)`` (a free reshape) and the 32 partial sums of each
-  column added afterwards; ``(32768, 16)``: 0.44 -> 0.31 ms, ``(32768, 32)``
-  0.53 -> 0.47 ms; 64 columns folded in two were slower (0.29 -> 0.32 ms),
-  so they are not folded (``benchmarks/RESULTS.md``). Only the order of the
-  additions differs. The factor is the largest power of two ``k`` that
-  divides the rows, keeps ``k * columns <= 96`` and leaves more than
+  memory bandwidth; seen as ``(rows / k, k * columns)`` (a free reshape),
+  with the ``k`` partial sums of each column added afterwards, it sums them
+  several times faster up to about 96 columns, while 64 columns folded in
+  two were slower, so they are not folded (the timings are in
+  ``benchmarks/RESULTS.md``, "Timings behind the library's choices"). Only
+  the order of the additions differs. The factor is the largest power of two
+  ``k`` that divides the rows, keeps ``k * columns <= 96`` and leaves more than
   ``_CPU_GEMV_MAX_ROWS`` rows; ``1`` for a batch sharded across its rows,
   which a reshape could move between devices.
   """

@@ -25,7 +25,6 @@ from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _qscale
 
-OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw')
 # Bumped when a field is added or its meaning changes: results of another
 # identity version are not comparable and are never mixed.
 IDENTITY_VERSION = 2
@@ -85,7 +84,7 @@ class RunConfig:
   Each field's help text is in its metadata (``--help`` shows it).
   """
 
-  model: str = _field('fc', 'network', choices=_models.MODELS)
+  model: str = _field('fc', 'network', choices=tuple(_models.MODELS))
   dataset: str = _field('digits', 'dataset (digits: offline, bundled with '
                         'scikit-learn)', choices=_data.DATASETS)
   method: str = _field('bnp', 'methods to compare, comma-separated',
@@ -102,7 +101,7 @@ class RunConfig:
   optimizer: str | None = _field(
       None, "base optimizer after BNP; none: the method's (adam for bn4, "
       'adamw for adamw and bnp_adamw, sgd for the others, as the paper)',
-      choices=OPTIMIZERS)
+      choices=tuple(_methods.OPTIMIZERS))
   momentum: float = _field(0.9, 'momentum of the momentum optimizer',
                            check=_unit_interval)
   weight_decay: float = _field(0.0, 'L2 weight decay added to the gradient '
@@ -455,7 +454,8 @@ def check(config) -> None:
       raise ValueError(f'--bnp-debias needs a BNP method, got '
                        f'{config.method}')
     if config.conditioning_every and not (
-        _methods.METHODS[config.method].bnp and config.model.startswith('fc')):
+        _methods.METHODS[config.method].bnp
+        and _models.MODELS[config.model].conditioning):
       raise ValueError('--conditioning-every needs a BNP method and an fc '
                        f'model, got {config.method} on {config.model}')
   if isinstance(config, Options) and config.overwrite and config.skip_existing:
