@@ -24,7 +24,8 @@
 #
 # Environment: DATA_DIR (gpu_data), OUT (docs/transformers/runs/gpu),
 # EPOCHS (5), SEEDS (2x: seeds 0,1), TRAIN_SUBSET (20000), TEST_SUBSET
-# (all), PYTHON (python3). Reruns skip the runs already written (--skip-existing).
+# (all), PYTHON (python3), LOGS (results/transformers-gpu-logs, one log per
+# process). Reruns skip the runs already written (--skip-existing).
 set -u
 cd "$(dirname "$0")/../.."
 DATA_DIR=${DATA_DIR:-gpu_data}
@@ -49,7 +50,8 @@ SUBSETS=()
 export PYTHONPATH=${PYTHONPATH:-.}
 # Ten processes share the GPU: no process may take most of its memory.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-mkdir -p "$OUT/logs"
+LOGS=${LOGS:-results/transformers-gpu-logs}  # ignored by git
+mkdir -p "$OUT" "$LOGS"
 
 SGD_GRID=0.01,0.03,0.1
 ADAMW_GRID=0.0003,0.001,0.003
@@ -60,7 +62,7 @@ run() {  # suite method grid
     --epochs "$EPOCHS" "${SUBSETS[@]}" --data-dir "$DATA_DIR" --out "$OUT" \
     --checkpoint never --no-progress --skip-existing \
     --sweep-summary "$OUT/sweep-$1-$2.json" \
-    > "$OUT/logs/$1-$2.log" 2>&1
+    > "$LOGS/$1-$2.log" 2>&1
   echo "$1 $2: exit $?"
 }
 
