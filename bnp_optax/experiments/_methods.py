@@ -73,6 +73,12 @@ METHODS = {
         # Summers and Dinneen (2020), see _bn4.py.
         Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam',
                colour='#17becf'),
+        # AdamW (decoupled weight decay, --weight-decay) and BNP chained
+        # before it: the Transformer comparison (docs/transformers.md).
+        Method('adamw', 'AdamW', 'none', False, optimizer='adamw',
+               colour='#2ca02c'),
+        Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw',
+               colour='#9467bd'),
     )
 }
 
@@ -85,7 +91,13 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     'momentum': lambda learning_rate, config: optax.sgd(
         learning_rate, momentum=config.momentum),
     'adam': lambda learning_rate, config: optax.adam(learning_rate),
+    # Decoupled weight decay: --weight-decay is AdamW's own, applied after
+    # BNP, and never added to the gradient (DECOUPLED_WEIGHT_DECAY).
+    'adamw': lambda learning_rate, config: optax.adamw(
+        learning_rate, weight_decay=config.weight_decay),
 }
+# Base optimizers that apply --weight-decay themselves.
+DECOUPLED_WEIGHT_DECAY = frozenset({'adamw'})
 
 # The paper's best learning rates, keyed (model, dataset, batch size).
 # Table 2 (fully connected network, SGD) and Table 3 (CNNs; bn4 with Adam).

@@ -106,8 +106,8 @@ def _schedule(config: RunConfig, lr: float, steps_per_epoch: int):
   return schedule
 
 
-def make_optimizer(config: RunConfig, lr: float,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: RunConfig, lr: float, steps_per_epoch: int, *,
+                   layer_specs=None) -> optax.GradientTransformation:
   """The method's optimizer: [weight decay], [BNP], then SGD/momentum/Adam.
 
   The base optimizer is ``config.resolved_optimizer()`` (the method's when
@@ -115,7 +115,10 @@ def make_optimizer(config: RunConfig, lr: float,
   normalisation's ``gamma`` and ``beta`` comes first: ``wd * p`` added to
   the gradient of the bn4 layers' ``scale`` and ``bias`` only
   (``add_decayed_weights`` masked by ``_bn4.norm_param_mask``), coupled L2,
-  so Adam rescales it with the rest of the gradient.
+  so Adam rescales it with the rest of the gradient. With ``adamw`` the
+  weight decay is AdamW's own (decoupled, after BNP), not added to the
+  gradient. ``layer_specs`` go to ``scale_by_bnp`` (needed for
+  ``DenseGeneral`` kernels, e.g. the ViT's attention).
   """
   schedule = _schedule(config, lr, steps_per_epoch)
   base = _methods.OPTIMIZERS[config.resolved_optimizer()](schedule, config)
@@ -124,14 +127,16 @@ def make_optimizer(config: RunConfig, lr: float,
   if norm_wd:
     parts.append(optax.add_decayed_weights(norm_wd,
                                            mask=_bn4.norm_param_mask))
-  if config.weight_decay:
+  if (config.weight_decay and config.resolved_optimizer()
+      not in _methods.DECOUPLED_WEIGHT_DECAY):
     parts.append(optax.add_decayed_weights(config.weight_decay))
   method = _methods.METHODS[config.method]
   if method.bnp:
     parts.append(bnp_optax.scale_by_bnp(eps1=config.eps1, eps2=config.eps2,
                                         rho=config.rho,
                                         debias=config.bnp_debias,
-                                        graft=method.graft))
+                                        graft=method.graft,
+                                        layer_specs=layer_specs))
     if config.bnp_q != 'paper':
       parts.append(_qscale.undo_q_scaling(config.bnp_q))
   return optax.chain(*parts, base)
@@ -174,11 +179,19 @@ class Trainer:
     self.method = _methods.METHODS[config.method]
     self.model = make_model(config, num_classes)
     self.lr, self.lr_source = config.resolved_learning_rate()
-    self.tx = make_optimizer(config, self.lr, steps_per_epoch)
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     x0 = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
     variables = dict(self.model.init(init_key, x0, train=False))
+    layer_specs = None
+    if self.method.bnp:
+      # Every layer's kernel layout up front (traced, nothing computed):
+      # DenseGeneral kernels (the ViT's attention) need it.
+      layer_specs = bnp_optax.linen.layer_specs(
+          self.model, variables, x0, train=True,
+          mutable=[k for k in variables if k != 'params'])
+    self.tx = make_optimizer(config, self.lr, steps_per_epoch,
+                             layer_specs=layer_specs)
     params = variables.pop('params')
     # Raw key data, so that the carry can be masked with jnp.where.
     self.state = (params, variables, self.tx.init(params),
