@@ -91,7 +91,17 @@ def test_bnp_covers_every_projection_of_the_vit(model):
   assert all(k == 'position_embedding' or 'LayerNorm' in k or 'DyT' in k
              for k in passed), passed
   # The output projection contracts (heads, head_dim): one fan-in of 16.
-  out = stats['block_0']['MultiHeadDotProductAttention_0']['out']
+  flat = {}
+
+  def visit(path, node):
+    if isinstance(node, bnp_optax.LayerStats):
+      flat['/'.join(path)] = node
+    else:
+      for k, v in node.items():
+        visit(path + (k,), v)
+
+  visit((), stats)
+  out = flat['block_0/MultiHeadDotProductAttention_0/out']
   assert out.mean.shape == (2, 8)
   assert float(out.count) == 2 * 4  # batch x tokens
 
