@@ -9,7 +9,24 @@ comparisons at a chosen scale), ``plot`` (a figure from run JSON files) and
 The pieces are importable for scripts and notebooks: the paper's networks
 (:class:`FullyConnected`, :class:`CNN5`, :class:`ResNet`), its loss
 (:func:`cross_entropy`) and the data loaders are defined here once and used
-by the harness, the examples, the notebooks and the benchmarks.
+by the harness, the examples, the notebooks and the benchmarks. Only the
+names exported here are for use outside this package.
+
+Adding a model: write its linen module in ``_models.py`` (taking ``norm``,
+``num_classes`` and ``train``, normalising with ``make_norm``), a builder
+``build(norm, num_classes, options)`` and one ``Model`` entry in
+``_models.MODELS`` saying whether it has convolutions (one step per
+compiled call on CPU), whether ``--checkpoint auto`` saves its runs and
+whether Figure 8's diagnostics apply. A new builder option goes in
+``_models.ModelOptions`` and its run field in ``_config.RunConfig``.
+Adding a method: one ``Method`` entry in ``_methods.METHODS`` (its
+normalisation, whether BNP preconditions, its default base optimizer, the
+method whose paper rate it borrows, its colour); a new base optimizer is one
+entry ``name: build(learning_rate, config)`` in ``_methods.OPTIMIZERS``.
+The CLI, the run identity's choices, ``list``, the figures and the training
+loop read both tables; the paper's rates, where it has some, go in
+``_methods.LEARNING_RATES``, and a comparison of methods in
+``_suites.SUITES``. ``tests/test_experiments_api.py`` checks every entry.
 """
 
 from bnp_optax.experiments._batch_renorm import BatchRenorm
