@@ -85,7 +85,7 @@ def test_each_model_entry_is_what_it_says(name):
   entry = _models.MODELS[name]
   assert entry.name == name
   # One block per stage: the ResNets' families at their smallest.
-  model = _models.make_model(name, 'bn', 10, resnet_blocks=1)
+  model = _models.make_model(name, 'none', 10, resnet_blocks=1)
   paths = _param_paths(model)
   assert paths, name
   assert entry.convolutional == any('Conv' in p for p in paths), paths

@@ -13,11 +13,13 @@ is kept.
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import functools
+import threading
 from typing import Any
 
 import flax.linen as nn
 from flax.training import train_state
 import jax
+import jax.numpy as jnp
 import optax
 
 from bnp_optax._src import capture
@@ -29,6 +31,7 @@ COLLECTION = 'bnp_optax_layer_stats'
 _SOW_NAME = 'input_stats'
 
 StatisticsFn = capture.StatisticsFn
+SpecFn = capture.SpecFn
 
 
 def module_name(module: nn.Module) -> str:
@@ -63,7 +66,13 @@ _REGISTRY.register(nn.ConvTranspose, _REGISTRY.unsupported(
     'a transposed convolution sees a zero-dilated input'))
 
 
-def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
+def register_layer(
+    module_type: type,
+    statistics_fn: StatisticsFn,
+    *,
+    spec_fn: SpecFn | None = None,
+    layout_fn: SpecFn | None = None,
+) -> None:
   """Teaches :func:`apply` the input statistics of a module type.
 
   The module's parameters must be named ``kernel`` (and ``bias``, if any),
@@ -71,13 +80,21 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
   outputs)`` receives the module and the arguments and result of its
   ``__call__`` and returns the statistics of the input, usually with
   :func:`bnp_optax.input_statistics`, whose ``feature_axes`` say which input
-  axes are the fan-in (and ``spec`` which kernel axes they are).
+  axes are the fan-in (and ``spec`` which kernel axes they are). The same
+  keywords as :func:`bnp_optax.nnx.register_layer`.
 
   Args:
     module_type: a ``flax.linen.Module`` subclass; registering a type again
       replaces its function. It takes precedence over the built-in types, so
       a subclass of ``nn.Dense`` can be measured differently.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
+    spec_fn: optional ``module -> LayerSpec``, the kernel's layout read from
+      the module, recorded with the statistics when ``statistics_fn``
+      records none (and so given by :func:`layer_specs`); needed only when
+      the kernel is not laid out as a Dense ``(n_in, n_out)`` or Conv
+      ``(*window, c_in, c_out)`` kernel. Default: that of the registered
+      type ``module_type`` derives from, if any.
+    layout_fn: the former name of ``spec_fn``.
 
   Example:
     >>> import flax.linen as nn
@@ -97,11 +114,13 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     >>> model = Affine(2)
     >>> x = jnp.ones((4, 3))
     >>> variables = model.init(jax.random.key(0), x)
-    >>> _, stats = bnp_optax.linen.apply(model, variables, x)
-    >>> stats.mean.shape
+    >>> _, layer_stats = bnp_optax.linen.apply(model, variables, x)
+    >>> layer_stats['<root>'].mean.shape
     (3,)
   """
-  _REGISTRY.register(module_type, capture.LayerType(statistics_fn))
+  _REGISTRY.register_layer(
+      module_type, statistics_fn,
+      spec_fn if spec_fn is not None else layout_fn)
 
 
 def _record_input_statistics(next_fun, args, kwargs, context):
@@ -110,19 +129,30 @@ def _record_input_statistics(next_fun, args, kwargs, context):
   if context.method_name == '__call__':
     layer_type = _REGISTRY.lookup(module)
   outputs = next_fun(*args, **kwargs)
-  if layer_type is None or module.is_initializing():
+  if module.is_initializing():
+    return outputs
+  if layer_type is None:
+    if _REGISTRY.lookup(module) is None:
+      _record_raw_parameters(module)
+    return outputs
+  if layer_type.refused is not None:
+    _record_note(tuple(module.path), layer_type.note(module, 'linen'))
     return outputs
   if not module.is_mutable_collection(COLLECTION):
     raise ValueError(
         f'bnp_optax: layer {module_name(module)!r} runs inside a lifted '
         'transform (nn.scan, nn.vmap, ...) that does not carry the '
         f'{COLLECTION!r} collection, so its statistics would be lost. Add '
-        f"it to the transform's variable_axes, e.g. variable_axes={{'params': "
-        f"0, {COLLECTION!r}: 0}} (bnp_optax.linen.COLLECTION); each slice "
-        'is then preconditioned as a layer of its own.'
+        f"it to the transform's variable_axes as {{{COLLECTION!r}: 0}} "
+        '(bnp_optax.linen.COLLECTION), beside the parameters: stacked '
+        "parameters (variable_axes={'params': 0, ...}) are then "
+        'preconditioned one slice per layer, and parameters shared by every '
+        "step (variable_broadcast='params') get the statistics of all the "
+        'steps merged, as a layer called several times.'
     )
-  stats = layer_type.statistics(module, args, kwargs, outputs)
-  module.sow(COLLECTION, _SOW_NAME, capture.checked(stats, module_name(module)))
+  _record_kernel_ndim(module)
+  module.sow(COLLECTION, _SOW_NAME, layer_type.measure(
+      module, args, kwargs, outputs, module_name(module)))
   return outputs
 
 
@@ -154,51 +184,154 @@ def intercept_layer(
     yield
 
 
-def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
-  """Statistics stacked by nn.scan/nn.vmap: one independent layer a slice.
+class _Recording:
+  """What the forward pass tells besides statistics, while apply() runs.
 
-  The stacked leading axes become independent axes of the layer (its kernel
-  is stacked the same way); the scalars, equal for slices that see batches
-  of the same size, are averaged.
+  Attributes:
+    kernel_ndims: ``{layer path: ndim}``, the number of axes of each
+      layer's kernel as the layer itself sees it. Inside nn.scan/nn.vmap a
+      stacked kernel is seen sliced (fewer axes than in the variables), a
+      broadcast one whole.
+    notes: ``{path tuple: NotPreconditioned}`` for refused layers and for
+      kernel-like parameters of modules that are not registered layers.
+  """
+
+  def __init__(self):
+    self.kernel_ndims: dict[str, int] = {}
+    self.notes: dict[tuple[str, ...], layers_lib.NotPreconditioned] = {}
+
+
+_recording = threading.local()
+
+
+def _current() -> _Recording | None:
+  return getattr(_recording, 'value', None)
+
+
+def _record_kernel_ndim(module: nn.Module) -> None:
+  current = _current()
+  if current is None:
+    return
+  kernel = module.variables.get('params', {}).get(layers_lib.KERNEL)
+  if kernel is not None:
+    current.kernel_ndims[module_name(module)] = jnp.ndim(
+        nn.meta.unbox(kernel))
+
+
+def _record_note(path: tuple[str, ...],
+                 note: layers_lib.NotPreconditioned) -> None:
+  current = _current()
+  if current is not None:
+    current.notes.setdefault(path, note)
+
+
+def _record_raw_parameters(module: nn.Module) -> None:
+  """Notes the kernel-like parameters of a module that is not a layer.
+
+  A parameter made with ``self.param`` and used with ``jnp.dot`` (the
+  ``DotReluDot`` block of Flax's pjit guide) is no registered layer's
+  kernel, so nothing measures its input.
+  """
+  if _current() is None:
+    return
+  for name, value in module.variables.get('params', {}).items():
+    value = nn.meta.unbox(value)
+    if (isinstance(value, Mapping) or jnp.ndim(value) < 2
+        or not jnp.issubdtype(jnp.result_type(value), jnp.inexact)):
+      continue
+    kind = type(module).__name__
+    _record_note(tuple(module.path) + (name,), layers_lib.NotPreconditioned(
+        f'a parameter of {kind}, which is not a registered layer type, so '
+        'bnp_optax.linen.apply does not measure its input and its gradient '
+        'is left unchanged. If it is used as a kernel (self.param with '
+        'jnp.dot, say), bnp_optax.tracing.apply(model.apply, variables, x) '
+        'with layer_specs=bnp_optax.tracing.layer_specs(...) preconditions '
+        'it (bnp_optax.tracing.describe says how it is used), or register '
+        f'{kind} with bnp_optax.linen.register_layer.'))
+
+
+@contextlib.contextmanager
+def _recording_forward_pass() -> Iterator[_Recording]:
+  outer = _current()
+  _recording.value = _Recording()
+  try:
+    yield _recording.value
+  finally:
+    _recording.value = outer
+
+
+def _with_notes(layer_stats: dict[str, Any],
+                notes: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """Adds the notes at their paths, where no statistics are."""
+  measured = [() if n == layers_lib.path_to_str(()) else tuple(n.split('/'))
+              for n in layer_stats]
+  for path, note in sorted(notes.items()):
+    if any(path[:len(m)] == m for m in measured):
+      continue  # a parameter of a measured layer (a registered type's)
+    layer_stats.setdefault(layers_lib.path_to_str(path), note)
+  return layer_stats
+
+
+def _lifted(stats: statistics.LayerStats, name: str, kernel_ndim: int | None,
+            inner_ndim: int | None) -> statistics.LayerStats:
+  """Statistics sown under nn.scan/nn.vmap, as the layer's parameters are.
+
+  The transform stacks the statistics along one leading axis per lifted
+  transform. A kernel stacked the same way (``variable_axes={'params':
+  0}``) is one layer per slice (:func:`statistics.unstack`); a kernel
+  broadcast to every step (``variable_broadcast='params'``, weight sharing)
+  is one layer called at every step, whose statistics are merged exactly
+  (:func:`statistics.merge_stacked`).
   """
   lead = stats.count.ndim
-  if lead == 0:
-    return stats
-  axes = tuple(range(lead))
-  spec = stats.spec
-  if spec is not None:
-    shift = lambda t: tuple(a + lead for a in t)
-    spec = layout.LayerSpec(
-        spatial_axes=shift(spec.spatial_axes),
-        fan_in_axes=shift(spec.fan_in_axes),
-        independent_axes=axes + shift(spec.independent_axes),
-        feature_groups=spec.feature_groups,
-    )
-  return stats.replace(
-      count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
-      positions=stats.positions.mean(axes), spec=spec)
+  if lead == 0 or kernel_ndim is None or inner_ndim is None:
+    return statistics.unstack(stats)
+  stacked = kernel_ndim - inner_ndim
+  if stacked == 0:
+    return statistics.merge_stacked(stats)
+  if not 0 < stacked < lead:
+    return statistics.unstack(stats)
+  raise NotImplementedError(
+      f'bnp_optax: layer {name!r} runs inside {lead} nested lifted '
+      f'transforms that stack its kernel along {stacked} of them and share '
+      'it across the others; only all stacked (variable_axes) or all '
+      "shared (variable_broadcast='params') is supported. Use "
+      'bnp_optax.tracing.apply(model.apply, variables, x) instead, which '
+      'handles both.'
+  )
 
 
-def _collect(tree: Mapping[str, Any]) -> Any:
-  """Turns the sown collection into ``{name: {...: LayerStats}}``.
+def _collect(
+    tree: Mapping[str, Any], params: Any, inner_ndims: Mapping[str, int],
+    path: tuple[str, ...] = ()
+) -> dict[str, statistics.LayerStats]:
+  """Turns the sown collection into ``{layer path: LayerStats}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
-  which are merged exactly (see :func:`merge_statistics`).
+  which are merged exactly (see :func:`merge_statistics`); statistics
+  stacked by ``nn.scan``/``nn.vmap`` are one layer a slice, or one layer
+  called at every step when the transform broadcasts its kernel (see
+  :func:`_lifted`).
   """
   result = {}
   for key, value in tree.items():
-    if key == _SOW_NAME:
-      continue
-    result[key] = _collect(value)
+    if key != _SOW_NAME:
+      result.update(_collect(
+          value, params.get(key, {}) if isinstance(params, Mapping) else {},
+          inner_ndims, path + (str(key),)))
   if _SOW_NAME in tree:
-    merged = statistics.merge_statistics(
-        [_unstack(s) for s in tree[_SOW_NAME]])
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
           f'supported (submodules {sorted(result)}).'
       )
-    return merged
+    name = layers_lib.path_to_str(path)
+    kernel = (params.get(layers_lib.KERNEL)
+              if isinstance(params, Mapping) else None)
+    kernel_ndim = None if kernel is None else jnp.ndim(nn.meta.unbox(kernel))
+    result[name] = statistics.merge_statistics([
+        _lifted(s, name, kernel_ndim, inner_ndims.get(name))
+        for s in tree[_SOW_NAME]])
   return result
 
 
@@ -263,9 +396,10 @@ def apply(
       ``method``, ...) and of the model call.
 
   Returns:
-    ``(output, layer_stats)``: what ``model.apply`` would return, and a nested
-    dict that mirrors the parameters down to each layer, whose values are
-    :class:`~bnp_optax.LayerStats`.
+    ``(output, layer_stats)``: what ``model.apply`` would return, and
+    ``{layer path: LayerStats}``, keyed as the optimizer's running statistics
+    (``'Block_0/Dense_1'``; ``'<root>'`` when the model is the layer), as
+    every capture route returns them.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -303,15 +437,17 @@ def apply(
     collections = [mutable, COLLECTION]
   else:
     collections = list(mutable) + [COLLECTION]
-  with nn.intercept_methods(_record_input_statistics):
+  with (nn.intercept_methods(_record_input_statistics),
+        _recording_forward_pass() as recording):
     output, mutated = model.apply(
         variables, *args, mutable=collections, **kwargs
     )
   mutated = dict(mutated)
   sown = mutated.pop(COLLECTION, {})
-  # When the model itself is a Dense/Conv layer this is a bare LayerStats,
-  # at the root like its parameters.
-  layer_stats = _collect(sown)
+  params = (variables.get('params', {}) if isinstance(variables, Mapping)
+            else {})
+  layer_stats = _with_notes(
+      _collect(sown, params, recording.kernel_ndims), recording.notes)
   if axis_name is not None:
     layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
   if mutable is False or mutable is None:

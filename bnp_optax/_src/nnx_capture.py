@@ -26,7 +26,7 @@ from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 StatisticsFn = capture.StatisticsFn
-LayoutFn = capture.LayoutFn
+SpecFn = capture.SpecFn
 
 _state = threading.local()
 
@@ -46,6 +46,33 @@ def _linear_general_attributes(module: nnx.LinearGeneral):
 
 def _conv_attributes(module: nnx.Conv):
   return len(module.kernel_size), module.feature_group_count
+
+
+def _own_kernel_ndim(module) -> int | None:
+  """How many axes a built-in layer's kernel has when it is not stacked."""
+  if isinstance(module, nnx.LinearGeneral):
+    features = module.out_features
+    features = (features,) if isinstance(features, int) else features
+    return len(module.batch_axis) + len(module.axis) + len(features)
+  if isinstance(module, nnx.Conv):
+    return len(module.kernel_size) + 2
+  if isinstance(module, nnx.Linear):
+    return 2
+  return None
+
+
+def _stacked_axes(module) -> int:
+  """The leading axes ``nnx.vmap`` stacked on a layer's kernel, if any.
+
+  Flax's scan-over-layers pattern builds ``n`` blocks at once with
+  ``nnx.vmap``: their ``nnx.Linear`` holds one ``(n, n_in, n_out)``
+  kernel, each slice a layer of its own.
+  """
+  kernel = getattr(module, 'kernel', None)
+  own = _own_kernel_ndim(module)
+  if kernel is None or own is None:
+    return 0
+  return max(len(kernel.shape) - own, 0)
 
 
 _REGISTRY = capture.LayerRegistry(nnx.Module, 'nnx', _name_of)
@@ -84,8 +111,7 @@ def _recording_call(original):
     if outermost:
       layer_type = _REGISTRY.lookup(self)
       if layer_type is not None:
-        collector.record(
-            self, layer_type.statistics(self, args, kwargs, outputs))
+        collector.record(self, layer_type, args, kwargs, outputs)
     return outputs
 
   return call
@@ -122,25 +148,29 @@ def register_layer(
     module_type: type,
     statistics_fn: StatisticsFn,
     *,
-    layout_fn: LayoutFn | None = None,
+    spec_fn: SpecFn | None = None,
+    layout_fn: SpecFn | None = None,
 ) -> None:
   """Teaches :func:`apply` the input statistics of an NNX module type.
 
   The module's parameters must be named ``kernel`` (and ``bias``, if any).
   ``statistics_fn(module, args, kwargs, outputs)`` receives the module and
   the arguments and result of its ``__call__`` and returns the statistics of
-  the input, usually with :func:`bnp_optax.input_statistics`.
+  the input, usually with :func:`bnp_optax.input_statistics`. The same
+  keywords as :func:`bnp_optax.linen.register_layer`.
 
   Args:
     module_type: an ``nnx.Module`` subclass; it takes precedence over the
       built-in types.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
-    layout_fn: optional ``module -> LayerSpec``, the kernel layout read from
-      the module, for :func:`layer_specs`; needed only when the kernel is not
-      laid out as a Dense ``(n_in, n_out)`` or Conv ``(*window, c_in,
+    spec_fn: optional ``module -> LayerSpec``, the kernel's layout read from
+      the module, for :func:`layer_specs` (and recorded with the statistics
+      when ``statistics_fn`` records none); needed only when the kernel is
+      not laid out as a Dense ``(n_in, n_out)`` or Conv ``(*window, c_in,
       c_out)`` kernel. It must agree with the ``spec`` of the statistics.
       Default: that of the registered type ``module_type`` derives from
       (``nnx.LinearGeneral``'s for a subclass of it), if any.
+    layout_fn: the former name of ``spec_fn``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -156,14 +186,14 @@ def register_layer(
     >>> bnp_optax.nnx.register_layer(
     ...     Affine, lambda module, args, kwargs, outputs:
     ...     bnp_optax.input_statistics(args[0]))
-    >>> _, stats = bnp_optax.nnx.apply(Affine(3, 2, nnx.Rngs(0)),
-    ...                                jnp.ones((4, 3)))
-    >>> stats.mean.shape
+    >>> _, layer_stats = bnp_optax.nnx.apply(Affine(3, 2, nnx.Rngs(0)),
+    ...                                      jnp.ones((4, 3)))
+    >>> layer_stats['<root>'].mean.shape
     (3,)
   """
-  if layout_fn is None:
-    layout_fn = _REGISTRY.layout_of_type(module_type)
-  _REGISTRY.register(module_type, capture.LayerType(statistics_fn, layout_fn))
+  _REGISTRY.register_layer(
+      module_type, statistics_fn,
+      spec_fn if spec_fn is not None else layout_fn)
 
 
 class _Collector:
@@ -175,6 +205,7 @@ class _Collector:
       if isinstance(node, nnx.Module):
         self.paths.setdefault(id(node), tuple(path))
     self.stats: dict[tuple, list[statistics.LayerStats]] = {}
+    self.notes: dict[tuple, layers_lib.NotPreconditioned] = {}
     self.active: set[int] = set()
 
   def name_of(self, module) -> str:
@@ -183,26 +214,41 @@ class _Collector:
       return f'<{type(module).__name__} outside the model>'
     return layers_lib.path_to_str(tuple(str(k) for k in path))
 
-  def record(self, module, stats):
+  def record(self, module, layer_type: capture.LayerType, args, kwargs,
+             outputs) -> None:
     path = self.paths.get(id(module))
     if path is None:
       raise ValueError(
           f'bnp_optax.nnx.apply: a {type(module).__name__} that is not part '
           'of the model given to apply() was called; its parameters would '
-          'have no statistics. Call the layers through the model.'
+          'have no statistics. Either the layer is held outside the model '
+          '(call it through the model), or an NNX transform (nnx.scan, '
+          'nnx.vmap, nnx.remat...) inside the model hands it to its function '
+          "as a copy. bnp_optax.nnx follows the copies only of layers "
+          "stacked by nnx.vmap (Flax's scan-over-layers pattern); for "
+          'others, use the tracing route: graphdef, params, rest = '
+          'nnx.split(model, nnx.Param, ...); fn = lambda p, x: '
+          'nnx.merge(graphdef, p, rest)(x); then bnp_optax.tracing.apply(fn, '
+          'params, x) with layer_specs=bnp_optax.tracing.layer_specs(fn, '
+          'params, x).'
       )
-    stats = capture.checked(stats, self.name_of(module))
+    if layer_type.refused is not None:
+      self.notes.setdefault(path, layer_type.note(module, 'nnx'))
+      return
+    stats = layer_type.measure(module, args, kwargs, outputs,
+                               self.name_of(module))
     self.stats.setdefault(path, []).append(stats)
 
-  def tree(self):
-    if () in self.stats:
-      return statistics.merge_statistics(self.stats[()])
-    result: dict = {}
-    for path, stats in self.stats.items():
-      node = result
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = statistics.merge_statistics(stats)
+  def layer_stats(self) -> dict[str, Any]:
+    """``{layer path: LayerStats}``, every layer's calls merged, and notes."""
+    result = {
+        layers_lib.path_to_str(tuple(str(k) for k in path)):
+            statistics.merge_statistics(stats)
+        for path, stats in self.stats.items()
+    }
+    for path, note in self.notes.items():
+      result.setdefault(layers_lib.path_to_str(tuple(str(k) for k in path)),
+                        note)
     return result
 
 
@@ -216,7 +262,11 @@ def apply(
   to the optimizer (``nnx.Optimizer.update`` forwards keyword arguments to
   the transformation). It records the input statistics of every
   ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Conv`` (and registered
-  types) called in the forward pass.
+  types) called in the forward pass. Layers stacked by ``nnx.vmap`` and run
+  by ``nnx.scan`` (Flax's scan-over-layers pattern) are one layer per slice,
+  as in the unrolled model: such a model is run through
+  :func:`bnp_optax.tracing.apply` on ``nnx.split(model)``, since the
+  transforms call copies of the layers.
 
   Args:
     model: an NNX module, unchanged.
@@ -226,8 +276,10 @@ def apply(
     **kwargs: its call's keyword arguments.
 
   Returns:
-    ``(output, layer_stats)``, where ``layer_stats`` is a nested dict keyed
-    like the model's parameter state (``{'layers': {0: LayerStats}}``).
+    ``(output, layer_stats)``, where ``layer_stats`` is ``{layer path:
+    LayerStats}``, keyed as the optimizer's running statistics
+    (``'layers/0'``; ``'<root>'`` when the model is the layer), as every
+    capture route returns them.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -257,6 +309,18 @@ def apply(
   """
   if _collector() is not None:
     raise RuntimeError('bnp_optax.nnx.apply calls cannot be nested.')
+  if any(_REGISTRY.lookup(node) is not None and _stacked_axes(node)
+         for _, node in nnx.iter_graph(model)):
+    outputs, layer_stats = _apply_by_tracing(model, args, kwargs)
+  else:
+    outputs, layer_stats = _apply_by_patching(model, args, kwargs)
+  if axis_name is not None:
+    layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
+  return outputs, layer_stats
+
+
+def _apply_by_patching(model, args, kwargs):
+  """The statistics of each registered layer, as its ``__call__`` sees them."""
   collector = _Collector(model)
   with _patch_layer_calls():
     _state.collector = collector
@@ -264,9 +328,51 @@ def apply(
       outputs = model(*args, **kwargs)
     finally:
       _state.collector = None
-  layer_stats = collector.tree()
-  if axis_name is not None:
-    layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
+  return outputs, collector.layer_stats()
+
+
+def _apply_by_tracing(model, args, kwargs):
+  """The statistics of a model with stacked layers, found by tracing it.
+
+  Stacked layers are called by NNX transforms (``nnx.scan`` over the
+  stack), which hand copies of them to their function, where no patched
+  ``__call__`` can record for the model. The model is split into its
+  parameters and the rest, and ``bnp_optax.tracing.apply`` runs it as a
+  function of them: a kernel sliced by the scan is one layer per slice, as
+  in the unrolled model. The statistics are keyed by module path like the
+  other layers', the rest of the state (RNG counts, batch statistics) is
+  written back to ``model``.
+  """
+  from bnp_optax._src import tracing  # pylint: disable=g-import-not-at-top
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def fn(params, rest, *args, **kwargs):
+    copy = nnx.merge(graphdef, params, rest)
+    outputs = copy(*args, **kwargs)
+    return outputs, nnx.split(copy, nnx.Param, ...)[2]
+
+  (outputs, new_rest), found = tracing.apply(fn, params, rest, *args,
+                                             **kwargs)
+  nnx.update(model, new_rest)
+  modules = {layers_lib.path_to_str(tuple(str(k) for k in path)): node
+             for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Module)}
+  layer_stats = {}
+  for name, stats in found.items():
+    parent, _, leaf = name.rpartition('/')
+    layer = parent or layers_lib.path_to_str(())
+    module = modules.get(layer)
+    layer_type = None if module is None else _REGISTRY.lookup(module)
+    if leaf != layers_lib.KERNEL or layer_type is None:
+      layer_stats[name] = layers_lib.NotPreconditioned(
+          'used as a kernel outside a registered layer, which bnp_optax.nnx '
+          'does not precondition (bnp_optax.tracing.apply on nnx.split(model)'
+          ' would)')
+    elif layer_type.refused is not None:
+      layer_stats[layer] = layer_type.note(module, 'nnx')
+    else:
+      layer_stats[layer] = stats
   return outputs, layer_stats
 
 
@@ -274,10 +380,10 @@ def layer_specs(model: nnx.Module) -> dict[str, layout.LayerSpec]:
   """The kernel layout of every measured layer of ``model``.
 
   Needed for ``nnx.LinearGeneral`` with several axes or batch axes, for
-  grouped ``nnx.Conv`` and for registered types with a ``layout_fn``, whose
+  grouped ``nnx.Conv`` and for registered types with a ``spec_fn``, whose
   optimizer state must know the layout when it is created:
   ``bnp_optax.bnp(..., layer_specs=bnp_optax.nnx.layer_specs(model))``. Read
-  from the modules' attributes by each registered type's layout function;
+  from the modules' attributes by each registered type's spec function;
   nothing runs.
 
   Args:
@@ -297,9 +403,10 @@ def layer_specs(model: nnx.Module) -> dict[str, layout.LayerSpec]:
   specs = {}
   for path, node in nnx.iter_graph(model):
     layer_type = _REGISTRY.lookup(node)
-    if layer_type is None or layer_type.layout is None:
+    if layer_type is None or layer_type.spec_fn is None:
       continue
-    spec = layer_type.layout(node)
+    spec = layer_type.spec_fn(node)
     if spec is not None:
+      spec = layout.stacked_spec(spec, _stacked_axes(node))
       specs[layers_lib.path_to_str(tuple(str(k) for k in path))] = spec
   return specs

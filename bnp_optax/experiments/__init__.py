@@ -37,6 +37,7 @@ from bnp_optax.experiments._data import DataError
 from bnp_optax.experiments._data import Dataset
 from bnp_optax.experiments._data import load as load_dataset
 from bnp_optax.experiments._data import load_digits
+from bnp_optax.experiments._data import subset as subset_dataset
 from bnp_optax.experiments._methods import default_learning_rate
 from bnp_optax.experiments._methods import METHODS
 from bnp_optax.experiments._models import CNN5
@@ -55,6 +56,8 @@ from bnp_optax.experiments._qscale import undo_q_scaling
 from bnp_optax.experiments._results import check_result
 from bnp_optax.experiments._results import load_results
 from bnp_optax.experiments._suites import SUITES
+from bnp_optax.experiments._sweep import diverged
+from bnp_optax.experiments._sweep import select_best
 from bnp_optax.experiments._train import RunConfig
 from bnp_optax.experiments._train import train
 
@@ -74,6 +77,7 @@ __all__ = [
     'conditioning_series',
     'cross_entropy',
     'default_learning_rate',
+    'diverged',
     'group_results',
     'load_dataset',
     'load_digits',
@@ -83,8 +87,10 @@ __all__ = [
     'plot',
     'plot_conditioning',
     'q_squared_per_layer',
+    'select_best',
     'sorted_groups',
     'step_ratio',
+    'subset_dataset',
     'train',
     'undo_q_scaling',
 ]

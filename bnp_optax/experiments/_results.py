@@ -181,36 +181,52 @@ def read_result(path) -> dict:
   return result
 
 
-def load_results(paths) -> list[dict]:
+def load_results(paths, *, on_skip=None) -> list[dict]:
   """Reads run JSONs from files and directories (searched recursively).
 
   Hidden files and directories (temporary files, checkpoints) are skipped,
-  and so are JSON files that are not run results.
+  and so are the foreign files found in a directory: ``*.json`` that are
+  not files, not readable, not UTF-8, not JSON, or JSON that is not a run
+  result (no string ``schema`` of this harness); ``on_skip(path, why)`` is
+  told of each. A file named in ``paths`` must be a run result.
+
+  Args:
+    paths: JSON files and directories.
+    on_skip: called with the path and the reason of each file skipped.
 
   Raises:
     FileNotFoundError: a path does not exist.
-    ValueError: no run results, a result of an older schema, or a result
-      that breaks the schema.
+    ValueError: no run results, a named file that is not one, a result of
+      an older schema, or a result that breaks the schema; the message
+      names the file.
   """
   files = []
   for p in paths:
     p = pathlib.Path(p)
     if p.is_dir():
-      files += sorted(
+      files += [(f, False) for f in sorted(
           f for f in p.rglob('*.json')
-          if not any(part.startswith('.') for part in f.relative_to(p).parts))
+          if not any(part.startswith('.') for part in f.relative_to(p).parts))]
     elif p.is_file():
-      files.append(p)
+      files.append((p, True))
     else:
       raise FileNotFoundError(f'no such file or directory: {p}')
   results = []
-  for f in files:
-    with open(f) as fh:
-      try:
-        result = json.load(fh)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{f}: not JSON ({e})') from e
-    schema = result.get('schema', '') if isinstance(result, dict) else ''
+  for f, named in files:
+    try:
+      result, why = _read_json(f), None
+    except ValueError as e:
+      result, why = None, str(e)
+    schema = result.get('schema') if isinstance(result, dict) else None
+    if why is None and not (isinstance(schema, str)
+                            and schema.startswith('bnp_optax.experiments.')):
+      why = 'not a run result (no run schema)'
+    if why is not None:
+      if named:
+        raise ValueError(f'{f}: {why}')
+      if on_skip is not None:
+        on_skip(f, why)
+      continue
     if schema == SCHEMA:
       try:
         check_result(result)
@@ -222,6 +238,24 @@ def load_results(paths) -> list[dict]:
       raise ValueError(
           f'{f}: schema {schema!r} of an older version, whose runs lack '
           f'their full configuration; rerun it ({SCHEMA})')
+    elif on_skip is not None:  # A sweep summary, say.
+      on_skip(f, f'not a run result (schema {schema!r})')
   if not results:
-    raise ValueError(f'no run results ({SCHEMA}) in {list(paths)}')
+    raise ValueError(f'no run results ({SCHEMA}) in {list(map(str, paths))}')
   return results
+
+
+def _read_json(path: pathlib.Path):
+  """The JSON in ``path``; ValueError saying why it cannot be read."""
+  if not path.is_file():
+    raise ValueError('not a file')
+  try:
+    text = path.read_bytes().decode('utf-8')
+  except OSError as e:
+    raise ValueError(f'cannot be read ({e.strerror})') from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f'not UTF-8 text ({e.reason} at byte {e.start})') from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'not JSON ({e})') from None

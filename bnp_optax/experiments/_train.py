@@ -44,9 +44,16 @@ RunConfig = _config.RunConfig
 class Interrupted(Exception):
   """Training stopped at a step boundary on a signal (SIGINT or SIGTERM)."""
 
-  def __init__(self, signum: int):
+  def __init__(self, signum: int, step: int | None = None):
     super().__init__(f'interrupted by signal {signum}')
     self.signum = signum
+    self.step = step  # The steps the interrupted run had done, if known.
+
+
+# Without a progress bar (not a terminal, or --no-progress), a line with the
+# step count at most this often, so that a long stretch between evaluations
+# (batch size 1: tens of seconds) shows that training goes on.
+PROGRESS_EVERY_S = 10.0
 
 
 def prepare_data(config: RunConfig, ds: _data.Dataset) -> _data.Dataset:
@@ -105,8 +112,8 @@ def _schedule(config: RunConfig, lr: float, steps_per_epoch: int):
   return schedule
 
 
-def make_optimizer(config: RunConfig, lr: float,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: RunConfig, lr: float, steps_per_epoch: int, *,
+                   layer_specs=None) -> optax.GradientTransformation:
   """The method's optimizer: [weight decay], [BNP], then SGD/momentum/Adam.
 
   The base optimizer is ``config.resolved_optimizer()`` (the method's when
@@ -114,7 +121,10 @@ def make_optimizer(config: RunConfig, lr: float,
   normalisation's ``gamma`` and ``beta`` comes first: ``wd * p`` added to
   the gradient of the bn4 layers' ``scale`` and ``bias`` only
   (``add_decayed_weights`` masked by ``_bn4.norm_param_mask``), coupled L2,
-  so Adam rescales it with the rest of the gradient.
+  so Adam rescales it with the rest of the gradient. With ``adamw`` the
+  weight decay is AdamW's own (decoupled, after BNP), not added to the
+  gradient. ``layer_specs`` go to ``scale_by_bnp`` (needed for
+  ``DenseGeneral`` kernels, e.g. the ViT's attention).
   """
   schedule = _schedule(config, lr, steps_per_epoch)
   base = _methods.OPTIMIZERS[config.resolved_optimizer()](schedule, config)
@@ -123,12 +133,16 @@ def make_optimizer(config: RunConfig, lr: float,
   if norm_wd:
     parts.append(optax.add_decayed_weights(norm_wd,
                                            mask=_bn4.norm_param_mask))
-  if config.weight_decay:
+  if (config.weight_decay and config.resolved_optimizer()
+      not in _methods.DECOUPLED_WEIGHT_DECAY):
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  if _methods.METHODS[config.method].bnp:
+  method = _methods.METHODS[config.method]
+  if method.bnp:
     parts.append(bnp_optax.scale_by_bnp(eps1=config.eps1, eps2=config.eps2,
                                         rho=config.rho,
-                                        debias=config.bnp_debias))
+                                        debias=config.bnp_debias,
+                                        graft=method.graft,
+                                        layer_specs=layer_specs))
     if config.bnp_q != 'paper':
       parts.append(_qscale.undo_q_scaling(config.bnp_q))
   return optax.chain(*parts, base)
@@ -171,11 +185,19 @@ class Trainer:
     self.method = _methods.METHODS[config.method]
     self.model = make_model(config, num_classes)
     self.lr, self.lr_source = config.resolved_learning_rate()
-    self.tx = make_optimizer(config, self.lr, steps_per_epoch)
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     x0 = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
     variables = dict(self.model.init(init_key, x0, train=False))
+    layer_specs = None
+    if self.method.bnp:
+      # Every layer's kernel layout up front (traced, nothing computed):
+      # DenseGeneral kernels (the ViT's attention) need it.
+      layer_specs = bnp_optax.linen.layer_specs(
+          self.model, variables, x0, train=True,
+          mutable=[k for k in variables if k != 'params'])
+    self.tx = make_optimizer(config, self.lr, steps_per_epoch,
+                             layer_specs=layer_specs)
     params = variables.pop('params')
     # Raw key data, so that the carry can be masked with jnp.where.
     self.state = (params, variables, self.tx.init(params),
@@ -395,11 +417,18 @@ class Evaluator:
 
 
 class _Report:
-  """Progress: a tqdm bar with the running loss, or one line per evaluation."""
+  """Progress: a tqdm bar with the running loss, or lines.
+
+  Without a bar, one line per evaluation and, in between, one with the
+  step count at most every :data:`PROGRESS_EVERY_S` seconds.
+  """
 
   def __init__(self, config: RunConfig, total: int, initial: int, *,
                progress: bool, log):
     self.log = log
+    self.total = total
+    self.step = initial
+    self.last_line = time.perf_counter()
     self.bar = None
     if progress:
       try:
@@ -410,11 +439,20 @@ class _Report:
                       dynamic_ncols=True, mininterval=0.5,
                       desc=f'{config.method} s{config.seed}')
 
-  def steps(self, count: int, losses: np.ndarray) -> None:
+  def steps(self, step: int, losses: list[np.ndarray]) -> None:
+    """Training reached ``step``; ``losses`` of the segment's chunks."""
+    count, self.step = step - self.step, step
     if self.bar is not None:
       self.bar.update(count)
-      self.bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
+      self.bar.set_postfix(loss=f'{float(np.mean(losses[-1])):.4f}',
                            refresh=False)
+    elif self.log is not None and (
+        time.perf_counter() - self.last_line >= PROGRESS_EVERY_S):
+      self.last_line = time.perf_counter()
+      self.log(f'   step {step}/{self.total} '
+               f'({100 * step / self.total:.0f}%), loss '
+               f'{float(np.mean(np.concatenate(losses))):.4f} since '
+               'the last evaluation')
 
   def line(self, text: str) -> None:
     if self.bar is not None:
@@ -499,8 +537,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   chunk_fn = trainer.compile_chunk(batches.chunk_shape)
   evaluate = Evaluator(trainer, ds, config.batch_size)
   compile_s = time.perf_counter() - compile_start
-  checkpoints = (_checkpoints.Checkpoints(checkpoint_dir) if checkpoint_dir
-                 else None)
+  checkpoints = (_checkpoints.Checkpoints(
+      checkpoint_dir, _config.canonical(config)) if checkpoint_dir else None)
   state, step, history, timing, resumed_from = _start(
       trainer.state, evaluate, checkpoints, conditioning, config,
       resume=resume, log=log)
@@ -511,7 +549,7 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
       losses = []
       for first, count in segment.chunks:
         if stop is not None and stop():
-          raise Interrupted(stop())
+          raise Interrupted(stop(), step=step)
         t0 = time.perf_counter()
         xs, ys, valid = batches.chunk(segment.order, first, count)
         hessian = conditioning.before(step, state, xs[0], ys[0])
@@ -524,7 +562,7 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
         timing['step_s'] += t2 - t1
         timing['train_s'] += t2 - t0
         step += count
-        report.steps(count, losses[-1])
+        report.steps(step, losses)
       train_loss = float(np.mean(np.concatenate(losses)))
       t3 = time.perf_counter()
       metrics = evaluate(state)
