@@ -17,6 +17,8 @@ BatchNorm variants use and update batch statistics):
   case meant for a GPU. Its BatchNorm variant is the usual conv-BN-ReLU
   placement; the vanilla variant has no normalisation (and convolution
   biases, which BNP centres with).
+- ``ViT``: the small Vision Transformer of ``docs/transformers.md``
+  (LayerNorm), for the step ratios against SGD and AdamW.
 """
 
 from bnp_optax import experiments
@@ -74,3 +76,14 @@ def CifarResNet(*, batch_norm: bool = False, num_classes: int = 10,
   return experiments.ResNet(
       norm=_norm(batch_norm), num_classes=num_classes, stage_sizes=(n,) * 3,
       stage_filters=(16, 32, 64), conv_bias=not batch_norm, train=True)
+
+
+def ViT(*, batch_norm: bool = False, num_classes: int = 10):
+  """The small ViT of docs/transformers.md, with LayerNorm in both variants.
+
+  A Transformer has no BatchNorm variant: ``batch_norm`` is ignored, and
+  the comparison is between base optimizers (``sgd``, ``adamw``) and BNP
+  before them.
+  """
+  del batch_norm
+  return experiments.make_model('vit', 'none', num_classes)

@@ -5,6 +5,7 @@ Run from the repository root::
   python benchmarks/bench_step.py                      # FC and CNN cases
   python benchmarks/bench_step.py --cases fc60 cnn128 --steps 500
   python benchmarks/bench_step.py --cases resnet      # meant for a GPU
+  python benchmarks/bench_step.py --cases vit --variants sgd bnp adamw bnp_adamw
   python benchmarks/bench_step.py --out results.json --hlo-dir hlo/
 
 For every case, each variant's step (forward, backward, optimizer update,
@@ -102,6 +103,8 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
       Case('cnn128same', same, (32, 32, 3), 128, 100),
       Case('resnet18', resnet, (32, 32, 3), 32, 10),
       Case('resnet', resnet, (32, 32, 3), resnet_batch, 100 if on_gpu else 3),
+      # The ViT of docs/transformers.md (LayerNorm in every variant).
+      Case('vit128', bench_models.ViT, (32, 32, 3), 128, 30),
   ]
   # Depth: compile time and kernels as the number of layers grows.
   for depth in (10, 50, 100, 300):
@@ -131,15 +134,16 @@ GROUPS = {
     # CIFAR ResNets, batch 16).
     'depth': ['mlp10', 'mlp50', 'mlp100', 'mlp300', 'resnet20', 'resnet56',
               'resnet110'],
+    'vit': ['vit128'],
 }
 
 
 # A variant is a function (case, params_vanilla, params_bn) returning the
 # step function and its initial state; step(state, x, y) -> (state, loss).
-def sgd_variant(case, vanilla, bn_vars):
+def sgd_variant(case, vanilla, bn_vars, tx=None):
   del bn_vars
   model = case.model(batch_norm=False)
-  tx = optax.sgd(LEARNING_RATE)
+  tx = tx or optax.sgd(LEARNING_RATE)
 
   def step(state, x, y):
     params, opt_state = state
@@ -152,10 +156,16 @@ def sgd_variant(case, vanilla, bn_vars):
   return step, (vanilla, tx.init(vanilla))
 
 
-def bnp_variant(case, vanilla, bn_vars):
+def bnp_variant(case, vanilla, bn_vars, base=None):
+  """BNP + SGD, or BNP chained before ``base`` (e.g. AdamW)."""
   del bn_vars
   model = case.model(batch_norm=False)
-  tx = bnp_optax.bnp(LEARNING_RATE)
+  # Layouts up front: needed for DenseGeneral kernels (the ViT's attention).
+  specs = bnp_optax.linen.layer_specs(
+      model, {'params': vanilla},
+      jax.ShapeDtypeStruct((case.batch_size, *case.input_shape), jnp.float32))
+  tx = (bnp_optax.bnp(LEARNING_RATE, layer_specs=specs) if base is None else
+        optax.chain(bnp_optax.scale_by_bnp(layer_specs=specs), base))
 
   def step(state, x, y):
     params, opt_state = state
@@ -232,6 +242,9 @@ VARIANTS: dict[str, Callable[..., Any]] = {
     'bnp': bnp_variant,
     'bn': bn_variant,
     'sgdstats': sgd_stats_variant,
+    'adamw': functools.partial(sgd_variant, tx=optax.adamw(LEARNING_RATE)),
+    'bnp_adamw': functools.partial(bnp_variant,
+                                   base=optax.adamw(LEARNING_RATE)),
 }
 
 
@@ -293,11 +306,21 @@ def _float_count(tree) -> int:
   )
 
 
-def _expected_bnp_floats(params) -> int:
-  """Two vectors of fan-in features per layer with a kernel of ndim >= 2."""
+def _expected_bnp_floats(params, specs=None) -> int:
+  """Two vectors of fan-in features per layer with a kernel of ndim >= 2.
+
+  ``specs`` (``{layer path: LayerSpec}``) give the fan-in of kernels that
+  are not Dense/Conv kernels (DenseGeneral).
+  """
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2:
+    layer = '/'.join(str(getattr(k, 'key', k)) for k in path[:-1])
+    spec = (specs or {}).get(layer)
+    if (getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2
+        and spec is not None and leaf.ndim > 2 and not spec.spatial_axes):
+      axes = spec.independent_axes + spec.fan_in_axes
+      total += 2 * math.prod(leaf.shape[a] for a in axes)
+    elif getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2:
       total += 2 * (leaf.shape[0] if leaf.ndim == 2 else leaf.shape[-2])
   return total
 
@@ -405,8 +428,9 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
         'opt_state_floats': _float_count(opt_state),
         'param_floats': _float_count(states[name][0]),
     }
-    if name not in ('sgd', 'bn', 'sgdstats'):  # a BNP variant
-      expected = _expected_bnp_floats(vanilla)
+    if name not in ('sgd', 'bn', 'sgdstats', 'adamw', 'bnp_adamw'):  # BNP
+      expected = _expected_bnp_floats(vanilla, bnp_optax.linen.layer_specs(
+          case.model(batch_norm=False), {'params': vanilla}, x))
       got = _float_count(opt_state)
       result['variants'][name]['opt_state_expected_floats'] = expected
       assert got == expected, (
@@ -453,7 +477,8 @@ def _ratios(times, v, cpu_times=None) -> dict[str, Any]:
   names = list(times)
   for a in names:
     for b in names:
-      if a == b or b not in ('sgd', 'bn') or (a == 'sgd' and b == 'bn'):
+      if a == b or b not in ('sgd', 'bn', 'adamw') or (
+          a == 'sgd' and b == 'bn') or (b == 'adamw' and a != 'bnp_adamw'):
         continue
       ta, tb = np.asarray(times[a]), np.asarray(times[b])
       out[f'{a}/{b}'] = {

@@ -27,6 +27,11 @@ def test_scaling_table_covers_the_growth_axes():
     assert case in cases
 
 
+def test_graft_tables_on_the_learning_rate_page_match_their_json():
+  module = _load('graft_study')
+  assert module.main(['table', '--check']) == 0
+
+
 def test_depth_table_covers_the_depths():
   module = _load('scaling_table')
   cases = [c for c, _ in module.DEPTH_ORDER]

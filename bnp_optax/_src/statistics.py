@@ -72,8 +72,12 @@ class LayerStats:
 
 
 def statistics_dtype(dtype) -> jnp.dtype:
-  """Reductions are done in float32 at least, float64 when inputs are."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """Reductions are done in float32 at least, float64 when inputs are.
+
+  Canonical, as optax creates its state: NumPy float64 parameters or inputs
+  with x64 off give float32, without a warning.
+  """
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 # Up to this many rows, XLA:CPU sums columns faster as a GEMV (below)...
@@ -380,12 +384,18 @@ def merge_stacked(stats: LayerStats) -> LayerStats:
     stats: statistics with ``count.ndim`` leading axes in every field.
 
   Returns:
-    The merged :class:`LayerStats`, with scalar ``count``.
+    The merged :class:`LayerStats`, with scalar ``count``. With no entries
+    (a ``scan`` of length 0), the statistics of no data: zero count, batch
+    size and positions, zero mean and variance (see :func:`has_data`).
   """
   lead = stats.count.ndim
   if lead == 0:
     return stats
   feature_shape = stats.mean.shape[lead:]
+  if not stats.count.size:
+    zeros = jnp.zeros(feature_shape, stats.mean.dtype)
+    zero = jnp.zeros([], stats.count.dtype)
+    return LayerStats(zeros, zeros, zero, zero, zero, stats.spec, zeros)
   flat = lambda a: a.reshape((-1,) + a.shape[lead:])
   count = flat(stats.count)
   mean = flat(stats.mean)
@@ -411,6 +421,17 @@ def merge_stacked(stats: LayerStats) -> LayerStats:
       total_batch, 1)
   return LayerStats(merged_mean, variance, jnp.sum(count), total_batch,
                     positions, stats.spec, residual)
+
+
+def has_data(stats: LayerStats) -> jax.Array:
+  """Whether the statistics summarise any input (``count > 0``).
+
+  A layer inside a ``scan`` of length 0 (variable-length code) sees no
+  input in that pass: its merged statistics have zero count, and
+  ``scale_by_bnp`` leaves its running statistics and its gradient
+  unchanged.
+  """
+  return stats.count > 0
 
 
 def unstack(stats: LayerStats, spec: LayerSpec | None = None) -> LayerStats:
