@@ -119,9 +119,10 @@ def render_depth(before: dict, after: dict) -> str:
       f'({device.get("cpu_count", "?")} CPU cores, jax '
       f'{device.get("jax", "?")}), before (`{DEPTH_BEFORE_JSON.name}`) and '
       f'after (`{DEPTH_JSON.name}`) the change, in two runs; compile: '
-      'process CPU time of trace + lower + compile, median of 2 fresh '
-      'compilations; kernels: top-level ops of the compiled step; step: '
-      'median of per-round paired ratios of process CPU time.',
+      'process CPU time of trace + lower + compile (SGD: the after run), '
+      'the median of the fresh compilations of each run (`compile_reps`); '
+      'kernels: top-level ops of the compiled step; step: median of '
+      'per-round paired ratios of process CPU time.',
       '',
       '| case | layers | batch | compile CPU s SGD | BNP before / after | '
       'compile BNP/SGD before / after | kernels SGD | BNP before / after | '

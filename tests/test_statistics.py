@@ -34,8 +34,7 @@ def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread, rows,
 
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
 def test_single_row_has_zero_variance_exactly(dtype):
-  # One row takes no passes (statistics._shifted_two_pass): the result must
-  # be what the passes give, exactly.
+  # A Dense layer at batch size 1: the passes must give the row and zero.
   from bnp_optax._src import statistics  # pylint: disable=g-import-not-at-top
   with jax.enable_x64(dtype == np.float64):
     x = jnp.asarray([[3.0, -1e6 + 0.1, 7.5]], dtype)

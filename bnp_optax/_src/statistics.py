@@ -172,11 +172,6 @@ def _shifted_two_pass(
     The means, their residuals (see ``LayerStats.mean_residual``) and the
     variances.
   """
-  if rows.shape[0] == 1:
-    # What the passes compute for one row, exactly, without their kernels
-    # (a Dense layer at batch size 1, online learning).
-    zeros = jnp.zeros_like(rows[0])
-    return rows[0], zeros, zeros
   fold = _fold_factor(rows)
   if fold == 1:
     return _shifted_two_pass_folded(rows, 1)

@@ -145,6 +145,14 @@ def clip_hyperparameters(eps1, eps2, rho, dtype):
           clipped(rho, 0, 1, 1))
 
 
+def _clipped_once(cache: dict, eps1, eps2, rho, dtype):
+  """:func:`clip_hyperparameters` once per dtype, not once per layer."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in cache:
+    cache[dtype] = clip_hyperparameters(eps1, eps2, rho, dtype)
+  return cache[dtype]
+
+
 def batch_variance(
     batch: statistics.LayerStats, running_mean: jax.Array
 ) -> jax.Array:
@@ -433,7 +441,12 @@ def _graft_mode(graft):
 
 
 def _grafted(raw, preconditioned, dtype, graft):
-  """graft_layer on ``(kernel, bias or None)``; ``graft`` traced or True."""
+  """graft_layer on ``(kernel, bias or None)``; ``graft`` traced or True.
+
+  ``graft=None`` (off) returns ``preconditioned`` unchanged.
+  """
+  if graft is None:
+    return preconditioned
   present = tuple(i for i, leaf in enumerate(preconditioned)
                   if leaf is not None)
   grafted = graft_layer(tuple(raw[i] for i in present),
@@ -608,10 +621,8 @@ def scale_by_bnp(
         raise ValueError(layers_lib.state_mismatch_message(
             name, running.mean.shape, spec, layer.kernel_shape))
       batch = stats[name]
-      dtype = jnp.dtype(running.mean.dtype)
-      if dtype not in clipped:  # once per dtype, not per layer
-        clipped[dtype] = clip_hyperparameters(eps1, eps2, rho, dtype)
-      layer_eps1, layer_eps2, layer_rho = clipped[dtype]
+      layer_eps1, layer_eps2, layer_rho = _clipped_once(
+          clipped, eps1, eps2, rho, running.mean.dtype)
       # A layer that saw no input (inside a scan of length 0) has nothing
       # to estimate: its running statistics and gradient stay unchanged.
       has_data = statistics.has_data(batch)
@@ -634,10 +645,9 @@ def scale_by_bnp(
           eps1=layer_eps1,
           eps2=layer_eps2,
       )
-      if graft is not None:
-        new_kernel, new_bias = _grafted(
-            (leaves[layer.kernel_index], bias_grad), (new_kernel, new_bias),
-            running.mean.dtype, graft)
+      new_kernel, new_bias = _grafted(
+          (leaves[layer.kernel_index], bias_grad), (new_kernel, new_bias),
+          running.mean.dtype, graft)
       leaves[layer.kernel_index] = jnp.where(
           has_data, new_kernel, leaves[layer.kernel_index])
       if new_bias is not None:
