@@ -30,6 +30,9 @@ class Method:
       Appendix B).
     rate_from: the method whose rate in the paper's tables this one takes
       where the tables have none for it (see :func:`default_learning_rate`).
+    graft: BNP with ``graft=True`` (not in the paper): each layer's step
+      has the length of its raw gradient, so the rate is the base
+      optimizer's own (``docs/howto/learning_rate.md``).
     colour: its colour in figures; None: the next of a cycle.
   """
 
@@ -39,6 +42,7 @@ class Method:
   bnp: bool
   optimizer: str = 'sgd'
   rate_from: str | None = None
+  graft: bool = False
   colour: str | None = None
 
   @property
@@ -64,9 +68,17 @@ METHODS = {
         Method('gn', 'GN', 'gn', False, rate_from='bn', colour='#8c564b'),
         Method('bnp', 'BNP', 'none', True, colour='#ff7f0e'),
         Method('bnp_gn', 'BNP+GN', 'gn', True, colour='#e377c2'),
+        Method('bnp_graft', 'BNP graft', 'none', True, rate_from='vanilla',
+               graft=True, colour='#bcbd22'),
         # Summers and Dinneen (2020), see _bn4.py.
         Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam',
                colour='#17becf'),
+        # AdamW (decoupled weight decay, --weight-decay) and BNP chained
+        # before it: the Transformer comparison (docs/transformers.md).
+        Method('adamw', 'AdamW', 'none', False, optimizer='adamw',
+               colour='#2ca02c'),
+        Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw',
+               colour='#9467bd'),
     )
 }
 
@@ -79,7 +91,13 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     'momentum': lambda learning_rate, config: optax.sgd(
         learning_rate, momentum=config.momentum),
     'adam': lambda learning_rate, config: optax.adam(learning_rate),
+    # Decoupled weight decay: --weight-decay is AdamW's own, applied after
+    # BNP, and never added to the gradient (DECOUPLED_WEIGHT_DECAY).
+    'adamw': lambda learning_rate, config: optax.adamw(
+        learning_rate, weight_decay=config.weight_decay),
 }
+# Base optimizers that apply --weight-decay themselves.
+DECOUPLED_WEIGHT_DECAY = frozenset({'adamw'})
 
 # The paper's best learning rates, keyed (model, dataset, batch size).
 # Table 2 (fully connected network, SGD) and Table 3 (CNNs; bn4 with Adam).

@@ -9,6 +9,7 @@ affects the numbers, the ``history`` (one point per evaluation), the
 ``conditioning`` rows.
 """
 
+import datetime
 import json
 import math
 import pathlib
@@ -22,6 +23,9 @@ import numpy as np
 import optax
 
 import bnp_optax
+from bnp_optax.experiments import _config
+from bnp_optax.experiments import _data
+from bnp_optax.experiments import _methods
 
 SCHEMA = 'bnp_optax.experiments.run/2'
 
@@ -58,6 +62,88 @@ def versions() -> dict[str, str]:
       'backend': jax.default_backend(),
       'device': getattr(device, 'device_kind', str(device)),
   }
+
+
+def history_point(epoch: float, step: int, train_loss: float | None,
+                  metrics: dict, time_s: float) -> dict[str, Any]:
+  """One evaluation of the history.
+
+  Args:
+    epoch: the (fractional) epoch of the evaluation.
+    step: the training steps taken.
+    train_loss: the mean training loss since the previous evaluation
+      (None at step 0); stored as None when it is not finite.
+    metrics: ``test_accuracy``, ``test_loss`` and, with a held-out split,
+      ``validation_accuracy`` and ``validation_loss``.
+    time_s: training time so far (evaluations excluded).
+  """
+  return dict(
+      epoch=epoch, step=step,
+      train_loss=None if train_loss is None else finite_or_none(train_loss),
+      test_accuracy=metrics['test_accuracy'], test_loss=metrics['test_loss'],
+      time_s=time_s,
+      **{k: v for k, v in metrics.items() if k.startswith('validation_')})
+
+
+def run_result(config: _config.RunConfig, ds: _data.Dataset, timing: dict,
+               history: list[dict], conditioning: list[dict], *,
+               lr_source: str, num_params: int,
+               steps_per_call: int) -> dict[str, Any]:
+  """The JSON object of a finished run.
+
+  Args:
+    config: the run.
+    ds: the data it trained and evaluated on.
+    timing: seconds of ``total_s``, ``compile_s``, ``train_s``, ``data_s``
+      (gathering batches), ``step_s`` (compiled calls) and ``eval_s``; the
+      ``steps`` taken and ``resumed_from_step`` (or None).
+    history: the :func:`history_point` s.
+    conditioning: Figure 8's rows (stored only for a run that takes them).
+    lr_source: where the learning rate comes from.
+    num_params: the model's parameter count.
+    steps_per_call: training steps per compiled call.
+  """
+  method = _methods.METHODS[config.method]
+  steps = timing['steps']
+  # A non-finite training or validation loss anywhere: the run diverged
+  # (its parameters may be NaN while its accuracy still reads ~10%).
+  diverged = any(p['train_loss'] is None for p in history[1:]) or any(
+      'validation_loss' in p and p['validation_loss'] is None
+      for p in history)
+  cfg = _config.canonical(config)
+  cfg.update(
+      learning_rate_source=lr_source, method_label=method.label,
+      norm=method.norm, bnp=method.bnp, num_train=len(ds.x_train),
+      num_test=len(ds.x_test), num_classes=ds.num_classes,
+      input_shape=list(ds.x_train.shape[1:]), data_source=ds.source,
+      steps_per_epoch=len(ds.x_train) // config.batch_size,
+      **({} if ds.x_val is None else dict(num_validation=len(ds.x_val))),
+      resolved_steps_per_call=steps_per_call, num_params=num_params)
+  result = {
+      'schema': SCHEMA,
+      'name': config.run_name(),
+      'group': config.group_hash(),
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'config': cfg,
+      'versions': versions(),
+      'history': history,
+      'final': dict(train_loss=history[-1]['train_loss'],
+                    test_accuracy=history[-1]['test_accuracy'],
+                    diverged=diverged,
+                    **{k: history[-1][k] for k in (
+                        'validation_accuracy', 'validation_loss')
+                       if k in history[-1]}),
+      'timing': dict(
+          total_s=timing['total_s'], compile_s=timing['compile_s'],
+          train_s=timing['train_s'], data_s=timing['data_s'],
+          step_s=timing['step_s'], eval_s=timing['eval_s'], steps=steps,
+          data_us_per_step=1e6 * timing['data_s'] / max(steps, 1),
+          step_us_per_step=1e6 * timing['step_s'] / max(steps, 1),
+          resumed_from_step=timing['resumed_from_step']),
+  }
+  if config.conditioning_every:
+    result['conditioning'] = conditioning
+  return result
 
 
 def check_result(result: Any) -> None:

@@ -38,6 +38,13 @@ _RESNET_CIFAR10 = dict(optimizer='momentum', weight_decay=1e-4,
                        augment=True)
 _RESNET_CIFAR100 = dict(_RESNET_CIFAR10, lr_decay_epochs=(150, 220))
 
+_VIT_METHOD_SETTINGS = {
+    'vanilla': dict(optimizer='momentum'),
+    'bnp': dict(optimizer='momentum'),
+    'adamw': dict(weight_decay=0.05),
+    'bnp_adamw': dict(weight_decay=0.05),
+}
+
 SUITES = {s.name: s for s in (
     Suite('digits', 'offline stand-in for Figure 3 (no download)', 'fc',
           'digits', 60, ('vanilla', 'bn', 'ln', 'bnp'), 10),
@@ -83,4 +90,19 @@ SUITES = {s.name: s for s in (
           60, ('vanilla', 'bnp'), 3, {},
           {'bnp': dict(learning_rate=0.1, conditioning_every=1),
            'vanilla': dict(learning_rate=1e-2)}),
+    # The Transformer comparison (docs/transformers.md): a small ViT
+    # (_vit.py) with LayerNorm, Dynamic Tanh or no normalisation, trained
+    # with SGD + momentum ('vanilla', 'bnp': BNP + SGD + momentum) and AdamW
+    # ('adamw', 'bnp_adamw': BNP chained before AdamW, decoupled weight decay
+    # 0.05).
+    Suite('vit-ln', 'Transformers: ViT with LayerNorm', 'vit', 'cifar10',
+          128, ('vanilla', 'bnp', 'adamw', 'bnp_adamw'), 10, {},
+          _VIT_METHOD_SETTINGS),
+    Suite('vit-none', 'Transformers: ViT without normalisation',
+          'vit_nonorm', 'cifar10', 128,
+          ('vanilla', 'bnp', 'adamw', 'bnp_adamw'), 10, {},
+          _VIT_METHOD_SETTINGS),
+    Suite('vit-dyt', 'Transformers: ViT with Dynamic Tanh', 'vit_dyt',
+          'cifar10', 128, ('vanilla', 'adamw'), 10, {},
+          _VIT_METHOD_SETTINGS),
 )}
