@@ -52,7 +52,6 @@ export PYTHONUNBUFFERED=1
     timeout -k 5 "$PHASE2" bash docs/transformers/gpu_run.sh &
   fi
   wait
-  pkill -f bnp_optax.experiments 2>/dev/null; sleep 1
   echo "phase 2 took $(( $(date +%s) - start )) s"
   tar -czf "$OUT/comparison.tgz" docs/comparison/runs 2>/dev/null
   tar -czf "$OUT/vit.tgz" docs/transformers/runs/gpu 2>/dev/null
