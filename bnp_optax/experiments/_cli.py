@@ -547,6 +547,8 @@ def _cmd_list(args, signals):
       print('      settings: ' + ', '.join(
           f'{k}={v}' for k, v in s.settings.items()))
     for method, settings in s.method_settings.items():
+      if method not in s.methods:
+        continue
       print(f'      {method}: ' + ', '.join(
           f'{k}={v}' for k, v in settings.items()))
   print("the paper's learning rates (Tables 2 and 3):")

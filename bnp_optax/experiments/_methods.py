@@ -15,7 +15,16 @@ class Method:
     bnp: precondition the gradients with BNP.
     optimizer: the base optimizer when the run gives none (``RunConfig``'s
       ``optimizer=None``): the paper's, SGD except for BN with 4 Things,
-      which it trains with Adam (Section 5.2, Appendix B).
+      which it trains with Adam (Section 5.2, Appendix B); AdamW, Muon or
+      K-FAC for the comparison's optimisers (``_modern.py``).
+    arch: another architecture of the model (``_normfree.py``): ``'gn_ws'``
+      (GroupNorm + Weight Standardization) or ``'nf'`` (normaliser-free);
+      None: the model as the paper builds it, with ``norm``.
+    bnp_variant: ``'full'`` (the paper's BNP) or ``'centring'`` (its
+      centring alone, ``_modern.scale_by_bnp_centring``; an experiment-only
+      control for the BNP + Adam study).
+    clip: ``'agc'``: adaptive gradient clipping before the optimizer (the
+      normaliser-free networks' training, Brock et al. 2021b).
   """
 
   name: str
@@ -23,6 +32,9 @@ class Method:
   norm: str
   bnp: bool
   optimizer: str = 'sgd'
+  arch: str | None = None
+  bnp_variant: str = 'full'
+  clip: str | None = None
 
 
 METHODS = {
@@ -36,6 +48,15 @@ METHODS = {
         Method('bnp_gn', 'BNP+GN', 'gn', True),
         # Summers and Dinneen (2020), see _bn4.py.
         Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam'),
+        # Today's methods (docs/comparison.md, _modern.py, _normfree.py).
+        Method('adamw', 'AdamW', 'none', False, optimizer='adamw'),
+        Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw'),
+        Method('centring_adamw', 'BNP centring+AdamW', 'none', True,
+               optimizer='adamw', bnp_variant='centring'),
+        Method('muon', 'Muon', 'none', False, optimizer='muon'),
+        Method('kfac', 'K-FAC', 'none', False, optimizer='kfac'),
+        Method('gn_ws', 'GN+WS', 'gn', False, arch='gn_ws'),
+        Method('nf_agc', 'NF+AGC', 'none', False, arch='nf', clip='agc'),
     )
 }
 

@@ -74,6 +74,15 @@ def muon_dimension_numbers(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def muon_available() -> str | None:
+  """None when this optax's Muon takes dimension numbers, else why not."""
+  if not hasattr(contrib, 'MuonDimensionNumbers'):
+    return (f'optax {optax.__version__} has no '
+            'optax.contrib.MuonDimensionNumbers (Muon on convolution '
+            'kernels); upgrade optax')
+  return None
+
+
 def muon(learning_rate, weight_decay: float = 0.0
          ) -> optax.GradientTransformation:
   """``optax.contrib.muon`` with :func:`muon_dimension_numbers`."""
@@ -147,7 +156,7 @@ KFAC_UNAVAILABLE = None
 def kfac_available() -> str | None:
   """None when kfac-jax imports, else why not (the exception, in words)."""
   try:
-    import kfac_jax  # pylint: disable=g-import-not-at-top,unused-import
+    import kfac_jax  # noqa: F401  # pylint: disable=g-import-not-at-top
   except Exception as e:  # pylint: disable=broad-except
     return (f'kfac-jax cannot be imported here ({type(e).__name__}: {e}); '
             "pip install 'bnp_optax[kfac]'. kfac-jax 0.0.8 (the newest "

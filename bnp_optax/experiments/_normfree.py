@@ -84,7 +84,8 @@ class WSConv(nn.Module):
     if self.scaled:
       gain = self.param('gain', nn.initializers.ones, (self.features,))
       w = (kernel - mean) * jax.lax.rsqrt(
-          jnp.maximum(var * fan_in, self.eps)) * gain
+          jnp.maximum(var * fan_in, self.eps)) * gain.reshape(
+              (1,) * (len(shape) - 1) + (-1,))
     else:
       w = (kernel - mean) * jax.lax.rsqrt(var + self.eps)
     strides = (self.strides,) * (len(shape) - 2)
@@ -92,7 +93,8 @@ class WSConv(nn.Module):
         x, w.astype(x.dtype), strides, self.padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
-      y = y + self.param('bias', _zeros, (self.features,))
+      bias = self.param('bias', _zeros, (self.features,))
+      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y
 
 

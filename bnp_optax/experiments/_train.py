@@ -11,6 +11,7 @@ separately.
 """
 
 import datetime
+import json
 import math
 import pathlib
 import platform
@@ -27,9 +28,12 @@ import optax
 import bnp_optax
 from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _config
+from bnp_optax.experiments import _cost
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
+from bnp_optax.experiments import _modern
+from bnp_optax.experiments import _normfree
 from bnp_optax.experiments import _qscale
 
 SCHEMA = 'bnp_optax.experiments.run/2'
@@ -119,20 +123,33 @@ def make_optimizer(config: RunConfig, lr: float,
   """
   schedule = _schedule(config, lr, steps_per_epoch)
   optimizer = config.resolved_optimizer()
+  method = _methods.METHODS[config.method]
+  # AdamW and Muon take the weight decay decoupled; the others as L2.
+  decoupled = optimizer in ('adamw', 'muon')
   if optimizer == 'adam':
     base = optax.adam(schedule)
+  elif optimizer == 'adamw':
+    base = optax.adamw(schedule, weight_decay=config.weight_decay)
+  elif optimizer == 'muon':
+    base = _modern.muon(schedule, config.weight_decay)
+  elif optimizer == 'kfac':
+    raise ValueError(f'K-FAC: {_modern.kfac_available() or "not wired"}')
   elif optimizer == 'momentum':
     base = optax.sgd(schedule, momentum=config.momentum)
   else:
     base = optax.sgd(schedule)
   parts = []
+  if method.clip == 'agc':
+    parts.append(_modern.agc())
   norm_wd = config.resolved_bn4().get('norm_weight_decay')
   if norm_wd:
     parts.append(optax.add_decayed_weights(norm_wd,
                                            mask=_bn4.norm_param_mask))
-  if config.weight_decay:
+  if config.weight_decay and not decoupled:
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  if _methods.METHODS[config.method].bnp:
+  if method.bnp and method.bnp_variant == 'centring':
+    parts.append(_modern.scale_by_bnp_centring(rho=config.rho))
+  elif method.bnp:
     parts.append(bnp_optax.scale_by_bnp(eps1=config.eps1, eps2=config.eps2,
                                         rho=config.rho,
                                         debias=config.bnp_debias))
@@ -143,6 +160,9 @@ def make_optimizer(config: RunConfig, lr: float,
 
 def make_model(config: RunConfig, num_classes: int):
   method = _methods.METHODS[config.method]
+  if method.arch:
+    return _normfree.make_model(config.model, method.arch, num_classes,
+                                resnet_blocks=config.resnet_blocks)
   return _models.make_model(
       config.model, method.norm, num_classes, init_scale=config.init_scale,
       conv_bias=method.bnp or method.norm in ('none', 'ln'),
@@ -415,6 +435,78 @@ class _Checkpoints:
     self.manager.close()
 
 
+def _segments(config: RunConfig, steps_per_epoch: int,
+              total_steps: int) -> list[tuple[int, int]]:
+  """The training's ``(first step, end step)`` between evaluations.
+
+  ``evals_per_epoch`` equal parts of every epoch; with a budget,
+  ``budget_evals`` equal parts of the budget's ``total_steps``.
+  """
+  if config.budget is not None:
+    cuts = sorted({round(total_steps * k / config.budget_evals)
+                   for k in range(config.budget_evals + 1)})
+    return list(zip(cuts[:-1], cuts[1:]))
+  cuts = [round(steps_per_epoch * k / config.evals_per_epoch)
+          for k in range(config.evals_per_epoch + 1)]
+  return [(e * steps_per_epoch + a, e * steps_per_epoch + b)
+          for e in range(config.epochs) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+# Fields that do not change what one training step computes.
+_NOT_STEP_COST = ('seed', 'learning_rate', 'budget', 'budget_evals',
+                  'train_subset', 'test_subset', 'validation_split', 'epochs',
+                  'evals_per_epoch', 'warmup_steps', 'warmup_init',
+                  'lr_decay_epochs', 'conditioning_every', 'steps_per_call')
+
+
+def _cost_key(config: RunConfig) -> str:
+  """The fields that decide a step's cost (the cost is measured once)."""
+  identity = _config.canonical(config)
+  for k in _NOT_STEP_COST:
+    identity.pop(k, None)
+  return json.dumps(identity, sort_keys=True)
+
+
+def _measure_cost(config: RunConfig, ds: _data.Dataset, chunk_fn, state,
+                  spc: int, steps_per_epoch: int,
+                  compile_s: float) -> dict[str, Any]:
+  """The step-cost ratio against plain SGD (see ``_cost.py``)."""
+  key = _cost_key(config)
+  found = _cost.cached(key)
+  if found is not None:
+    return found
+  lr, _ = config.resolved_learning_rate()
+  reference = RunConfig(
+      model=config.model, dataset=config.dataset, method='vanilla',
+      optimizer='sgd', batch_size=config.batch_size, learning_rate=lr,
+      seed=config.seed, augment=config.augment,
+      resnet_blocks=config.resnet_blocks, init_scale=config.init_scale)
+  ref = Trainer(reference, ds.num_classes, ds.x_train.shape[1:],
+                steps_per_epoch)
+  bs = config.batch_size
+  xs = ds.x_train[:spc * bs].reshape((spc, bs) + ds.x_train.shape[1:])
+  ys = ds.y_train[:spc * bs].reshape((spc, bs))
+  valid = np.ones(spc, bool)
+  start = time.perf_counter()
+  ref_fn = jax.jit(ref.chunk).lower(ref.state, xs, ys, valid).compile()
+  sgd_compile_s = time.perf_counter() - start
+  cost = _cost.paired_ratio(chunk_fn, (state, xs, ys, valid), ref_fn,
+                            (ref.state, xs, ys, valid), steps_per_call=spc)
+  if key == _cost_key(reference):
+    # The run is the reference itself: its ratio is 1 by definition (the
+    # measured one, timing noise around 1, is kept beside it).
+    cost.update(ratio_measured=cost['ratio'], ratio=1.0)
+  cost.update(
+      method_compile_s=compile_s, sgd_compile_s=sgd_compile_s,
+      memory=_cost.memory(chunk_fn), sgd_memory=_cost.memory(ref_fn),
+      reference='vanilla network, plain SGD, same model, batch and '
+      'augmentation', backend=jax.default_backend(),
+      measured=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      cached=False)
+  _cost.remember(key, cost)
+  return cost
+
+
 def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
           log=print, stop=None, checkpoint_dir=None, resume: bool = False,
           keep_state: bool = False) -> dict[str, Any]:
@@ -510,75 +602,89 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
                     test_accuracy=acc0, test_loss=_finite_or_none(loss0),
                     time_s=0.0, **val0)]
   total_steps = steps_per_epoch * config.epochs
+  cost = None
+  if config.budget is not None:
+    cost = _measure_cost(config, ds, chunk_fn, state, spc, steps_per_epoch,
+                         compile_s)
+    total_steps = _cost.budget_steps(config.budget, cost['ratio'])
   bar = _progress_bar(config, total_steps, step) if progress else None
-  cuts = [round(steps_per_epoch * k / config.evals_per_epoch)
-          for k in range(config.evals_per_epoch + 1)]
+  orders = {}
+
+  def order_of(epoch):
+    if epoch not in orders:
+      orders.clear()
+      orders[epoch] = _epoch_order(config.seed, epoch, n_train)
+    return orders[epoch]
+
   try:
-    for epoch in range(step // steps_per_epoch, config.epochs):
-      order = _epoch_order(config.seed, epoch, n_train)
-      for seg_start, seg_end in zip(cuts[:-1], cuts[1:]):
-        if epoch * steps_per_epoch + seg_end <= step:
-          continue  # Done before the checkpoint this run resumed from.
-        seg_losses = []
-        for c0 in range(seg_start, seg_end, spc):
-          if stop is not None and stop():
-            raise Interrupted(stop())
-          t0 = time.perf_counter()
-          count = min(spc, seg_end - c0)
-          idx = order[c0 * bs:(c0 + count) * bs]
-          xs = ds.x_train[idx].reshape((count, bs) + ds.x_train.shape[1:])
-          ys = ds.y_train[idx].reshape((count, bs))
-          valid = np.ones(spc, bool)
-          if count < spc:
-            valid[count:] = False
-            xs = np.concatenate(
-                [xs, np.zeros((spc - count,) + xs.shape[1:], xs.dtype)])
-            ys = np.concatenate(
-                [ys, np.zeros((spc - count, bs), ys.dtype)])
-          measure = conditioning is not None and (
-              step % config.conditioning_every == 0)
-          nh = conditioning.before(state, xs[0], ys[0]) if measure else None
-          t1 = time.perf_counter()
-          state, losses = chunk_fn(state, xs, ys, valid)
-          losses = np.asarray(losses)[:count]
-          t2 = time.perf_counter()
-          if measure:
-            conditioning.after(step, losses[0], nh, state)
-          timing['data_s'] += t1 - t0
-          timing['step_s'] += t2 - t1
-          timing['train_s'] += t2 - t0
-          seg_losses.append(losses)
-          step += count
-          if bar is not None:
-            bar.update(count)
-            bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
-                            refresh=False)
-        seg_loss = float(np.mean(np.concatenate(seg_losses)))
-        t3 = time.perf_counter()
-        acc, test_loss = run_eval(state)
-        val = validation(state)
-        timing['eval_s'] += time.perf_counter() - t3
-        history.append(dict(
-            epoch=epoch + seg_end / steps_per_epoch, step=step,
-            train_loss=_finite_or_none(seg_loss), test_accuracy=acc,
-            test_loss=_finite_or_none(test_loss), time_s=timing['train_s'],
-            **val))
-        line = (f'{config.model} {config.dataset} bs{bs} {config.method} '
-                f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
-                f'train loss {seg_loss:.4f} '
-                + (f'validation acc {val["validation_accuracy"]:.2%} '
-                   if val else '')
-                + f'test acc {acc:.2%} ({timing["train_s"]:.1f}s)')
-        if checkpoints is not None and step < total_steps:
-          meta = dict(step=step, history=history, timing=timing)
-          if conditioning is not None:
-            meta['conditioning'] = conditioning.rows
-          checkpoints.save(step, state, meta)
-          line += ', checkpoint saved'
+    for seg_start, seg_end in _segments(config, steps_per_epoch,
+                                        total_steps):
+      if seg_end <= step:
+        continue  # Done before the checkpoint this run resumed from.
+      seg_losses = []
+      c0 = seg_start
+      while c0 < seg_end:
+        if stop is not None and stop():
+          raise Interrupted(stop())
+        t0 = time.perf_counter()
+        epoch, pos = divmod(c0, steps_per_epoch)
+        # A chunk never crosses an evaluation or an epoch boundary.
+        count = min(spc, seg_end - c0, steps_per_epoch - pos)
+        idx = order_of(epoch)[pos * bs:(pos + count) * bs]
+        c0 += count
+        xs = ds.x_train[idx].reshape((count, bs) + ds.x_train.shape[1:])
+        ys = ds.y_train[idx].reshape((count, bs))
+        valid = np.ones(spc, bool)
+        if count < spc:
+          valid[count:] = False
+          xs = np.concatenate(
+              [xs, np.zeros((spc - count,) + xs.shape[1:], xs.dtype)])
+          ys = np.concatenate(
+              [ys, np.zeros((spc - count, bs), ys.dtype)])
+        measure = conditioning is not None and (
+            step % config.conditioning_every == 0)
+        nh = conditioning.before(state, xs[0], ys[0]) if measure else None
+        t1 = time.perf_counter()
+        state, losses = chunk_fn(state, xs, ys, valid)
+        losses = np.asarray(losses)[:count]
+        t2 = time.perf_counter()
+        if measure:
+          conditioning.after(step, losses[0], nh, state)
+        timing['data_s'] += t1 - t0
+        timing['step_s'] += t2 - t1
+        timing['train_s'] += t2 - t0
+        seg_losses.append(losses)
+        step += count
         if bar is not None:
-          bar.write(line)
-        elif log is not None:
-          log(line)
+          bar.update(count)
+          bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
+                          refresh=False)
+      seg_loss = float(np.mean(np.concatenate(seg_losses)))
+      t3 = time.perf_counter()
+      acc, test_loss = run_eval(state)
+      val = validation(state)
+      timing['eval_s'] += time.perf_counter() - t3
+      history.append(dict(
+          epoch=seg_end / steps_per_epoch, step=step,
+          train_loss=_finite_or_none(seg_loss), test_accuracy=acc,
+          test_loss=_finite_or_none(test_loss), time_s=timing['train_s'],
+          **val))
+      line = (f'{config.model} {config.dataset} bs{bs} {config.method} '
+              f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
+              f'train loss {seg_loss:.4f} '
+              + (f'validation acc {val["validation_accuracy"]:.2%} '
+                 if val else '')
+              + f'test acc {acc:.2%} ({timing["train_s"]:.1f}s)')
+      if checkpoints is not None and step < total_steps:
+        meta = dict(step=step, history=history, timing=timing)
+        if conditioning is not None:
+          meta['conditioning'] = conditioning.rows
+        checkpoints.save(step, state, meta)
+        line += ', checkpoint saved'
+      if bar is not None:
+        bar.write(line)
+      elif log is not None:
+        log(line)
   finally:
     if bar is not None:
       bar.close()
@@ -622,6 +728,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   }
   if conditioning is not None:
     result['conditioning'] = conditioning.rows
+  if cost is not None:
+    result['cost'] = dict(cost, budget_steps=total_steps)
   if keep_state:
     result['state'] = state
   return result
