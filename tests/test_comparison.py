@@ -153,8 +153,10 @@ def test_centring_only_matches_the_float64_oracle():
 
 
 def test_adam_cancels_bnp_row_scaling_but_not_centring():
-  """The mechanism of the page: a constant per-row scaling is invisible
-  to Adam's normalised step, the centring is not."""
+  """A constant per-row scaling is invisible to Adam; the centring is not.
+
+  The mechanism of docs/comparison.md's BNP + Adam section.
+  """
   rng = np.random.default_rng(0)
   grads = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
            for _ in range(5)]

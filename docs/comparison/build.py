@@ -200,7 +200,7 @@ def adam_table() -> str:
       continue
     any_row = True
 
-    def acc(m):
+    def acc(m, chosen=chosen):
       rs = chosen.get(m)
       return None if not rs else float(np.mean(
           [r['final']['test_accuracy'] for r in rs]))
@@ -287,7 +287,7 @@ def figure(output: pathlib.Path = FIGURE) -> pathlib.Path | None:
   if not drawn:
     plt.close(fig)
     return None
-  fig.suptitle('BNP against today\'s methods at equal cost (mean over seeds '
+  fig.suptitle("BNP against today's methods at equal cost (mean over seeds "
                'at the chosen rate; band: min-max)')
   fig.tight_layout()
   output.parent.mkdir(parents=True, exist_ok=True)

@@ -87,8 +87,9 @@ def run_method(suite: str, method: str, *, rates: int, seeds: int, out: str,
   plot = str(pathlib.Path(tempfile.gettempdir()) / f'{suite}-{method}.png')
   common = ['suite', suite, '--methods', method, '--out', out,
             '--skip-existing', '--no-progress', '--plot', plot] + extra
+  rates_text = _fmt(grid(suite, method, rates))
   status = _cli.main(common + [
-      '--seeds', '0', '--lr-grid', f'{method}:{_fmt(grid(suite, method, rates))}',
+      '--seeds', '0', '--lr-grid', f'{method}:{rates_text}',
       '--sweep-summary', str(summary)])
   if status:
     raise SystemExit(f'{suite} {method}: the sweep failed ({status})')
