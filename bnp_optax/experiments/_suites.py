@@ -50,7 +50,9 @@ _OWN_OPTIMIZER = {m: dict(optimizer=o, weight_decay=1e-4) for m, o in (
 _CMP = dict(optimizer='momentum', validation_split=0.1, budget_evals=10)
 _CMP_ADAM = ('adamw', 'bnp_adamw', 'centring_adamw', 'muon')
 # CIFAR-10 on the GPU: a 10,000-image training subset (gpu_data/), 2,000
-# test images per evaluation.
+# test images per evaluation; steps per compiled call set so that a call
+# does not run far past an evaluation (the padding steps of a call are
+# computed and discarded).
 _CMP_CIFAR = dict(_CMP, test_subset=2000)
 _CMP_RESNET20 = dict(_CMP_CIFAR, resnet_blocks=3, weight_decay=1e-4,
                      augment=True)
@@ -96,17 +98,18 @@ SUITES = {s.name: s for s in (
           dict(_CMP, budget=20000), _OWN_OPTIMIZER),
     Suite('cmp-cnn-bs128', 'comparison: CNN, CIFAR-10, batch 128', 'cnn5',
           'cifar10', 128, ('vanilla', 'bn', 'bnp') + _CMP_ADAM, 1000,
-          dict(_CMP_CIFAR, budget=700), _OWN_OPTIMIZER),
+          dict(_CMP_CIFAR, budget=700, steps_per_call=5), _OWN_OPTIMIZER),
     Suite('cmp-cnn-bs2', 'comparison: CNN, CIFAR-10, batch 2', 'cnn5',
           'cifar10', 2, ('vanilla', 'gn', 'gn_ws', 'nf_agc', 'bnp', 'bnp_gn',
                          'adamw', 'bnp_adamw', 'muon'), 1000,
-          dict(_CMP_CIFAR, budget=4500), _OWN_OPTIMIZER),
+          dict(_CMP_CIFAR, budget=4500, steps_per_call=50), _OWN_OPTIMIZER),
     Suite('cmp-resnet20-bs128', 'comparison: ResNet-20, CIFAR-10, batch 128',
           'resnet110', 'cifar10', 128, ('bn', 'vanilla', 'bnp', 'gn_ws')
-          + _CMP_ADAM, 1000, dict(_CMP_RESNET20, budget=700),
-          _OWN_OPTIMIZER),
+          + _CMP_ADAM, 1000, dict(_CMP_RESNET20, budget=700,
+                                  steps_per_call=5), _OWN_OPTIMIZER),
     Suite('cmp-resnet20-bs8', 'comparison: ResNet-20, CIFAR-10, batch 8',
           'resnet110', 'cifar10', 8, ('vanilla', 'bn', 'gn', 'gn_ws',
                                       'nf_agc', 'bnp', 'bnp_gn'), 1000,
-          dict(_CMP_RESNET20, budget=2250), _OWN_OPTIMIZER),
+          dict(_CMP_RESNET20, budget=2250, steps_per_call=25),
+          _OWN_OPTIMIZER),
 )}
