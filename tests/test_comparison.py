@@ -227,3 +227,42 @@ def test_page_matches_the_committed_runs():
       'docs/comparison.md differs from its committed runs: run '
       'python docs/comparison/build.py')
   assert not re.search(r'VERDICT_|MECHANISM|RULE\n|TODO|TBD', page)
+
+
+# One of each kind runs by default; all of them with -m slow.
+_GPU_QUICK = (('cmp-resnet20-bs8', 'nf_agc'), ('cmp-resnet20-bs8', 'bnp_gn'),
+              ('cmp-cnn-bs2', 'muon'))
+
+
+def _gpu_pairs():
+  build = _load('comparison_build', ROOT / 'docs' / 'comparison' / 'build.py')
+  return [pytest.param(w.suite, m, marks=() if (w.suite, m) in _GPU_QUICK
+                       else pytest.mark.slow)
+          for w in build.WORKLOADS if 'GPU' in w.missing
+          for m in _suites.SUITES[w.suite].methods]
+
+
+@pytest.mark.parametrize('suite,method', _gpu_pairs())
+def test_gpu_workloads_build_and_trace_a_step(suite, method):
+  """Each GPU (workload, method) builds and traces its step (no compile).
+
+  The GPU job cannot be tried here at full size (a ResNet-20 compile takes
+  minutes on this CPU): this checks its configuration, model and optimizer
+  on ResNet-8 (one block per stage), the rest as the suite says.
+  """
+  from bnp_optax.experiments import _config  # pylint: disable=g-import-not-at-top
+  from bnp_optax.experiments import _train  # pylint: disable=g-import-not-at-top
+  s = _suites.SUITES[suite]
+  settings = dict(s.settings, **s.method_settings.get(method, {}))
+  if 'resnet_blocks' in settings:
+    settings['resnet_blocks'] = 1
+  config = _config.RunConfig(model=s.model, dataset=s.dataset,
+                             batch_size=s.batch_size, method=method,
+                             learning_rate=0.01, **settings)
+  _config.check(config)
+  trainer = _train.Trainer(config, 10, (32, 32, 3), 100)
+  x = jax.ShapeDtypeStruct((s.batch_size, 32, 32, 3), jnp.uint8)
+  y = jax.ShapeDtypeStruct((s.batch_size,), jnp.int32)
+  state, loss = jax.eval_shape(trainer.step, trainer.state, x, y)
+  assert loss.shape == () and jax.tree.structure(state) == jax.tree.structure(
+      trainer.state)
