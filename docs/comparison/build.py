@@ -31,6 +31,7 @@ import numpy as np
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _plot
 from bnp_optax.experiments import _suites
+from bnp_optax.experiments import _sweep
 
 HERE = pathlib.Path(__file__).resolve().parent
 DOCS = HERE.parent
@@ -87,13 +88,32 @@ def _load(suite: str) -> tuple[list[dict], dict[str, dict]]:
   return runs, sweeps
 
 
+def partial_best(runs, method) -> float | None:
+  """The rate chosen from a method's runs when its sweep did not finish.
+
+  The sweep's own rule (``_sweep.select_best``) over the rates that have a
+  seed-0 run (a GPU process stopped by its time limit leaves some).
+  """
+  scores = {}
+  for r in runs:
+    c = r['config']
+    if c['method'] == method and c['seed'] == 0:
+      scores[c['learning_rate']] = (r['final'].get('validation_accuracy'),
+                                    _sweep.diverged(r))
+  return _sweep.select_best(scores) if scores else None
+
+
 def chosen_runs(runs, sweeps) -> dict[str, list[dict]]:
-  """Per method (in the suite's order), its runs at the chosen rate."""
+  """Per method, its runs at the chosen rate (from a partial grid too)."""
   out = {}
+  best = {}
+  for m in {r['config']['method'] for r in runs}:
+    best[m] = (sweeps[m]['best_learning_rate'] if m in sweeps
+               else partial_best(runs, m))
   for r in runs:
     m = r['config']['method']
-    best = sweeps.get(m, {}).get('best_learning_rate')
-    if best is not None and math.isclose(r['config']['learning_rate'], best):
+    if best[m] is not None and math.isclose(r['config']['learning_rate'],
+                                            best[m]):
       out.setdefault(m, []).append(r)
   return {m: sorted(v, key=lambda r: r['config']['seed'])
           for m, v in out.items()}
@@ -154,8 +174,13 @@ def workload_table(w: Workload) -> str:
       '--- |']
   for m in suite.methods:
     grid = sweeps.get(m, {}).get('grid')
+    partial = ''
+    if grid is None:  # The sweep did not finish: the rates that ran.
+      grid = sorted({r['config']['learning_rate'] for r in runs
+                     if r['config']['method'] == m}) or None
+      partial = ', sweep cut short' if grid else ''
     rate_grid = ('' if not grid else
-                 f' ({", ".join(f"{g:g}" for g in grid)})')
+                 f' ({", ".join(f"{g:g}" for g in grid)}{partial})')
     if m not in chosen:
       why = ('every rate diverged' if m in sweeps else 'not run')
       lines.append(f'| {_label(m)} | | {why}{rate_grid} | 0 | | | | | | | | |')

@@ -4,23 +4,25 @@
 #
 #   bash docs/comparison/gpu.sh [DATA_DIR]      # DATA_DIR default: gpu_data
 #
-# One process per (workload, method), JOBS (default 15) at a time, each
-# holding MEM_FRACTION (default 0.06) of the GPU: a learning-rate sweep of 3
+# One process per (workload, method), 31 of them, JOBS (default 32) at a
+# time, each holding MEM_FRACTION (default 0.03) of the GPU: a learning-rate
+# sweep of 3
 # rates (the middle three of docs/comparison/run.py's five) with seed 0, then
 # a second seed at the chosen rate (2 seeds: cut from 3 to fit the time),
 # at each workload's compute budget. Run JSON goes to
 # docs/comparison/runs/<suite>/ and, when $OUT is set, is copied with the
-# logs to $OUT/runs/<suite>/ and $OUT/logs/. Every process stops after
-# LIMIT seconds (default 500); finished runs are kept, and running the
+# logs to $OUT/runs/<suite>/ and $OUT/logs/. Every process stops when
+# TOTAL seconds (default 330) have passed since the start, so the command
+# ends within about TOTAL + 15 s; finished runs are kept, and running the
 # command again continues where it stopped (--skip-existing).
 # QUICK=1: a dry run with tiny budgets and subsets (for a CPU), into
 # results/gpu_dry/ instead.
 set -u
 DATA=${1:-gpu_data}
-JOBS=${JOBS:-15}
-LIMIT=${LIMIT:-500}
+JOBS=${JOBS:-32}
+TOTAL=${TOTAL:-330}
 PY=${PY:-python3}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.06}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.03}
 export PYTHONPATH=.
 RUNS=docs/comparison/runs
 EXTRA="--checkpoint never"
@@ -44,7 +46,9 @@ EOF
 )
 start=$(date +%s)
 echo "$JOBLIST" | xargs -P "$JOBS" -L 1 bash -c '
-  timeout '"$LIMIT"' '"$PY"' docs/comparison/run.py "$0" --methods "$1" \
+  left=$(( '"$start"' + '"$TOTAL"' - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo "$0 $1: no time left"; exit 0; fi
+  timeout -k 10 "$left" '"$PY"' docs/comparison/run.py "$0" --methods "$1" \
     --rates 3 --seeds 2 --out '"$RUNS"' --data-dir '"$DATA"' '"$EXTRA"' \
     > '"$LOGS"'/"$0"-"$1".log 2>&1
   echo "$0 $1: exit $? after $(( $(date +%s) - '"$start"' ))s"'
