@@ -1,7 +1,7 @@
 """The benchmark networks: the paper's, from the experiment harness.
 
-One definition of each network lives in ``bnp_optax/experiments/_models.py``
-(used by the harness, the examples and the notebooks); these are the same
+One definition of each network lives in ``bnp_optax.experiments`` (used by
+the harness, the examples and the notebooks); these are the same
 modules, configured for timing a training step (``train=True``, so the
 BatchNorm variants use and update batch statistics):
 
@@ -19,7 +19,7 @@ BatchNorm variants use and update batch statistics):
   biases, which BNP centres with).
 """
 
-from bnp_optax.experiments import _models
+from bnp_optax import experiments
 
 # pylint: disable=invalid-name  (classes in spirit: they build modules)
 
@@ -34,20 +34,20 @@ def FC(*, batch_norm: bool = False, num_classes: int = 10,
 
   ``hidden`` sets other widths (the scaling cases).
   """
-  return _models.FullyConnected(norm=_norm(batch_norm), hidden=hidden,
+  return experiments.FullyConnected(norm=_norm(batch_norm), hidden=hidden,
                                 num_classes=num_classes, train=True)
 
 
 def CNN5(*, batch_norm: bool = False, num_classes: int = 10,
          padding: str = 'VALID'):
   """Conv 32-64-32 (3x3), max-pool after the first two, Dense 64, Dense 10."""
-  return _models.CNN5(norm=_norm(batch_norm), num_classes=num_classes,
+  return experiments.CNN5(norm=_norm(batch_norm), num_classes=num_classes,
                       padding=padding, train=True)
 
 
 def ResNet18(*, batch_norm: bool = False, num_classes: int = 10):
   """ResNet-18-like for 32x32 inputs (about 11M parameters)."""
-  return _models.ResNet(
+  return experiments.ResNet(
       norm=_norm(batch_norm), num_classes=num_classes,
       stage_sizes=(2, 2, 2, 2), stage_filters=(64, 128, 256, 512),
       conv_bias=not batch_norm, train=True)

@@ -31,16 +31,14 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 import bnp_optax  # noqa: E402
-from bnp_optax.experiments import _data  # noqa: E402
-from bnp_optax.experiments import _models  # noqa: E402
-from bnp_optax.experiments import _qscale  # noqa: E402
+from bnp_optax import experiments  # noqa: E402
 
 BATCH = 128
 
 
 def _batch(data_dir):
   if data_dir:
-    ds = _data.load('mnist', data_dir)
+    ds = experiments.load_dataset('mnist', data_dir)
     order = np.random.default_rng(0).permutation(len(ds.x_train))[:BATCH]
     return ds.x_train[order], ds.y_train[order], 'MNIST'
   rng = np.random.default_rng(0)
@@ -50,17 +48,17 @@ def _batch(data_dir):
 
 def q2_report(data_dir=None) -> dict:
   """``q^2`` and BNP's relative step size per layer."""
-  model = _models.make_model('flax_mnist_cnn', 'none', 10)
+  model = experiments.make_model('flax_mnist_cnn', 'none', 10)
   x, y, source = _batch(data_dir)
   x = x.astype(np.float32) / 255.0
   params = model.init(jax.random.key(0), x[:1])['params']
 
   def loss(p):
     logits, stats = bnp_optax.linen.apply(model, {'params': p}, x)
-    return _models.cross_entropy(logits, y), stats
+    return experiments.cross_entropy(logits, y), stats
 
   (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
-  q2 = _qscale.q_squared_per_layer(params, stats)
+  q2 = experiments.q_squared_per_layer(params, stats)
   # rho = 0: the running statistics are this batch's after one update;
   # the paper's rho = 0.99 at the first step: still nearly mu = 0,
   # sigma^2 = 1, their initial values.
@@ -69,9 +67,9 @@ def q2_report(data_dir=None) -> dict:
                            ('no_conv', 'no_conv', 0.0),
                            ('first_step', 'paper', 0.99)):
     tx = optax.chain(bnp_optax.scale_by_bnp(rho=rho),
-                     _qscale.undo_q_scaling(which))
+                     experiments.undo_q_scaling(which))
     updates, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
-    rows[name] = _qscale.step_ratio(grads, updates)
+    rows[name] = experiments.step_ratio(grads, updates)
   layers = {}
   for layer, info in q2.items():
     layers[layer] = dict(

@@ -12,7 +12,6 @@ import importlib
 from bnp_optax._src.accumulate import AccumulatedStats
 from bnp_optax._src.accumulate import BNPMultiStepsState
 from bnp_optax._src.accumulate import multi_steps
-from bnp_optax._src.accumulate import MultiStepsState
 from bnp_optax._src.alias import bnp
 from bnp_optax._src.layers import describe_coverage
 from bnp_optax._src.layers import LeafLayer
@@ -42,7 +41,6 @@ __all__ = [
     'LayerSpec',
     'LayerStats',
     'LeafLayer',
-    'MultiStepsState',
     'RunningStats',
     'ScaleByBNPState',
     'all_reduce_statistics',

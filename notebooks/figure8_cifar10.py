@@ -28,9 +28,7 @@ import sys
 
 import numpy as np
 
-from bnp_optax.experiments import _cli
-from bnp_optax.experiments import _plot
-from bnp_optax.experiments import _suites
+from bnp_optax import experiments
 
 
 def main(argv=None) -> int:
@@ -47,7 +45,7 @@ def main(argv=None) -> int:
   parser.add_argument('--plot', default=None, help='save the figure (.png)')
   args, rest = parser.parse_known_args(argv)
   rest = [a for a in rest if a != '--']
-  status = _cli.main(
+  status = experiments.main(
       # The condition numbers are BNP's; the suite's vanilla run (Figure 8
       # left) is not needed for them.
       ['suite', 'fig8', '--methods', 'bnp', '--data-dir', args.data_dir,
@@ -57,19 +55,19 @@ def main(argv=None) -> int:
        '--no-progress', *rest])
   if status:
     return status
-  suite = _suites.SUITES['fig8']
+  suite = experiments.SUITES['fig8']
   wanted = dict(epochs=args.epochs, seed=args.seed,
                 conditioning_every=args.every)
-  runs = [r for r in _plot.load_results([pathlib.Path(args.results)
-                                         / suite.name])
+  runs = [r for r in experiments.load_results([pathlib.Path(args.results)
+                                               / suite.name])
           if all(r['config'][k] == v for k, v in wanted.items())]
   result = max(runs, key=lambda r: r['created'])  # Just made or kept.
-  series = _plot.conditioning_series(result)
+  series = experiments.conditioning_series(result)
   if args.out:
     np.savez(args.out, iteration=series['step'], **{
         k: v for k, v in series.items() if k not in ('step', 'size')})
   if args.plot:
-    print(f'figure: {_plot.plot_conditioning(result, args.plot)}')
+    print(f'figure: {experiments.plot_conditioning(result, args.plot)}')
   return 0
 
 

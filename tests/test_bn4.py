@@ -16,6 +16,7 @@ from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _plot
+from bnp_optax.experiments import _results
 from bnp_optax.experiments import _suites
 from bnp_optax.experiments import _train
 
@@ -354,7 +355,7 @@ def test_bn4_run_trains(batch_size, n_train, epochs, evals):
   assert config.bn4_settings().group_norm == (batch_size < 16)
   result = _train.train(config, _synthetic(n_train), progress=False,
                         log=None)
-  _train.check_result(result)
+  _results.check_result(result)
   stored = result['config']
   assert stored['optimizer'] == 'adam' and stored['method'] == 'bn4'
   assert stored['norm_weight_decay'] == _bn4.DEFAULT_NORM_WEIGHT_DECAY

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bnp_optax.experiments import _cli
+from bnp_optax.experiments import _results
 from bnp_optax.experiments import _train
 
 _TINY = ['--train-subset', '120', '--test-subset', '60', '--no-progress']
@@ -40,7 +41,7 @@ def test_run_writes_one_json_per_run(digits_runs):
   assert files[0].name.startswith('fc-digits-bs10-bnp-')
   for f in files:
     result = json.loads(f.read_text())
-    _train.check_result(result)
+    _results.check_result(result)
     config = result['config']
     assert config['dataset'] == 'digits' and config['model'] == 'fc'
     assert config['batch_size'] == 10 and config['num_train'] == 120

@@ -20,9 +20,10 @@ import time
 import numpy as np
 import pytest
 
-from bnp_optax.experiments import _cli
 from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
+from bnp_optax.experiments import _files
+from bnp_optax.experiments import _results as run_results
 from bnp_optax.experiments import _train
 from tests import test_experiments_data as fixtures
 
@@ -129,14 +130,14 @@ def _fake_runs(directory, template, variants):
                dict(epoch=float(config.epochs), step=10, train_loss=1.0 - acc,
                     test_accuracy=acc, test_loss=1.5, time_s=1.0)]
     result = dict(
-        schema=_train.SCHEMA, name=config.run_name(),
+        schema=run_results.SCHEMA, name=config.run_name(),
         group=config.group_hash(), created='2026-01-01T00:00:00',
         config=_config.canonical(config) | dict(
             learning_rate_source='test', method_label=config.method.upper()),
         versions={}, history=history,
         final=dict(train_loss=1.0 - acc, test_accuracy=acc, diverged=False),
         timing=dict(total_s=1.0))
-    _train.check_result(result)
+    run_results.check_result(result)
     (directory / f'{config.run_name()}.json').write_text(json.dumps(result))
 
 
@@ -209,7 +210,7 @@ def test_plot_shows_one_epoch_runs(one_result, tmp_path):
 
   _fake_runs(tmp_path / 'r', one_result | dict(evals_per_epoch=1),
              [dict(seed=0), dict(seed=1)])
-  results = _plot.load_results([tmp_path / 'r'])
+  results = run_results.load_results([tmp_path / 'r'])
   try:
     plt.close = keep
     _plot.plot(results, tmp_path / 'f.png')
@@ -246,11 +247,11 @@ def test_concurrent_runs_into_one_directory(tmp_path):
 
 def test_write_json_is_exclusive(tmp_path):
   path = tmp_path / 'r.json'
-  _cli.write_json(path, {'a': 1}, replace=False)
-  with pytest.raises(_cli.ResultExists):
-    _cli.write_json(path, {'a': 2}, replace=False)
+  _files.write_json(path, {'a': 1}, replace=False)
+  with pytest.raises(_files.ResultExists):
+    _files.write_json(path, {'a': 2}, replace=False)
   assert json.loads(path.read_text()) == {'a': 1}
-  _cli.write_json(path, {'a': 3}, replace=True)
+  _files.write_json(path, {'a': 3}, replace=True)
   assert json.loads(path.read_text()) == {'a': 3}
   assert [p.name for p in tmp_path.iterdir()] == ['r.json']
 

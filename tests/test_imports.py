@@ -57,6 +57,25 @@ def test_only_the_integrations_import_flax_and_never_each_other():
       assert all(_framework(s) is None for s in _siblings(imports)), module
 
 
+def test_tracing_analysis_stands_apart_from_evaluation():
+  """The jaxpr analysis knows layouts, not statistics or the interpreter."""
+  graph = _graph()
+  assert _siblings(graph['tracing_analysis']) == {'layout'}
+  assert 'tracing_analysis' in _siblings(graph['tracing'])
+
+
+def test_every_import_in_src_points_down():
+  """No cycles: the modules of _src can be ordered, each importing earlier."""
+  graph = {m: _siblings(i) for m, i in _graph().items()}
+  ordered: list[str] = []
+  while len(ordered) < len(graph):
+    ready = sorted(m for m in graph if m not in ordered
+                   and graph[m] <= set(ordered))
+    assert ready, {m: graph[m] - set(ordered) for m in graph
+                   if m not in ordered}
+    ordered += ready
+
+
 def test_import_bnp_optax_and_diagnostics_load_no_flax():
   code = (
       'import sys, bnp_optax, bnp_optax.diagnostics\n'

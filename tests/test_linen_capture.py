@@ -35,12 +35,11 @@ def test_paths_mirror_parameters_and_statistics_are_of_layer_inputs():
   x = jax.random.normal(jax.random.key(0), (7, 3)) * 4 + 2
   variables = model.init(jax.random.key(1), x)
   (out, _, _), stats = bnp_optax.linen.apply(model, variables, x)
-  assert jax.tree.structure(
-      stats, is_leaf=lambda s: isinstance(s, bnp_optax.LayerStats)
-  ) == jax.tree.structure({'block': {'Dense_0': 0}, 'head': 0})
+  # Keyed by layer path, as the optimizer's running statistics.
+  assert sorted(stats) == ['block/Dense_0', 'head']
   block_out = nn.relu(x @ variables['params']['block']['Dense_0']['kernel']
                       + variables['params']['block']['Dense_0']['bias'][None])
-  for s, h in ((stats['block']['Dense_0'], x), (stats['head'], block_out)):
+  for s, h in ((stats['block/Dense_0'], x), (stats['head'], block_out)):
     np.testing.assert_allclose(s.mean, np.mean(h, 0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s.variance, np.var(h, 0), rtol=1e-4,
                                atol=1e-6)
@@ -62,7 +61,8 @@ def test_conv_positions_are_output_positions(strides, padding, dilation,
                   kernel_dilation=dilation)
   x = jax.random.uniform(jax.random.key(0), (2, *in_hw, 2))
   variables = model.init(jax.random.key(1), x)
-  y, stats = bnp_optax.linen.apply(model, variables, x)
+  y, layer_stats = bnp_optax.linen.apply(model, variables, x)
+  stats = layer_stats['<root>']
   assert y.shape[1:3] == out_hw
   assert float(stats.positions) == out_hw[0] * out_hw[1]
   assert float(stats.batch_size) == 2
@@ -86,8 +86,9 @@ def test_conv_of_any_rank(kernel_size, shape):
 
   grads, stats = jax.grad(loss, has_aux=True)(params)
   batch = shape[0] if len(shape) == len(kernel_size) + 2 else 1
-  assert float(stats.batch_size) == batch
-  assert float(stats.positions) == np.prod(shape[-len(kernel_size) - 1:-1])
+  assert float(stats['<root>'].batch_size) == batch
+  assert float(stats['<root>'].positions) == np.prod(
+      shape[-len(kernel_size) - 1:-1])
   tx = bnp_optax.scale_by_bnp()
   updates, _ = tx.update(grads, tx.init(params), layer_stats=stats)
   assert bnp_optax.describe_coverage(params)['kernel'] == 'conv kernel'
@@ -177,7 +178,7 @@ def test_inputs_given_by_keyword_and_model_that_is_one_layer():
     return jnp.sum(y), stats
 
   grads, stats = jax.grad(loss, has_aux=True)(params)
-  assert isinstance(stats, bnp_optax.LayerStats)
+  assert list(stats) == ['<root>']
   tx = bnp_optax.bnp(0.1)
   state = tx.init(params)
   _, state = tx.update(grads, state, params, layer_stats=stats)
@@ -232,3 +233,35 @@ def test_a_callable_that_is_not_a_module_apply_is_refused():
       'the first argument must be the linen module (or its bound method '
       'module.apply)')):
     bnp_optax.linen.apply(lambda v, x: model.apply(v, x), variables, x)
+
+
+@pytest.mark.parametrize('keyword', ['spec_fn', 'layout_fn'])
+def test_register_layer_takes_a_spec_fn_as_nnx_does(keyword):
+  class Grouped(nn.Module):  # kernel (c_in / groups, c_out), two groups
+    @nn.compact
+    def __call__(self, x):
+      self.param('kernel', nn.initializers.ones, (2, 6))
+      return x
+
+  spec = bnp_optax.LayerSpec(spatial_axes=(), fan_in_axes=(0,),
+                             feature_groups=2)
+  measure = lambda module, args, kwargs, outputs: (
+      bnp_optax.input_statistics(args[0]))
+  bnp_optax.linen.register_layer(Grouped, measure,
+                                 **{keyword: lambda module: spec})
+  x = jnp.ones((3, 4))
+  variables = Grouped().init(jax.random.key(0), x)
+  _, layer_stats = bnp_optax.linen.apply(Grouped(), variables, x)
+  assert layer_stats['<root>'].spec == spec
+  assert bnp_optax.linen.layer_specs(Grouped(), variables, x) == {
+      '<root>': spec}
+  # Statistics that record another spec disagree with spec_fn: an error.
+  bnp_optax.linen.register_layer(
+      Grouped, lambda module, args, kwargs, outputs: (
+          bnp_optax.input_statistics(args[0], spec=bnp_optax.LayerSpec(
+              spatial_axes=(), fan_in_axes=(0,)))),
+      spec_fn=lambda module: spec)
+  with pytest.raises(ValueError, match=re.escape(
+      "layer '<root>': its statistics record the spec")):
+    bnp_optax.linen.apply(Grouped(), variables, x)
+

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 import bnp_optax
+from bnp_optax.experiments import _config
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _qscale
 from bnp_optax.experiments import _train
@@ -76,9 +77,9 @@ def test_step_ratio(cnn):
 
 def test_variants_need_bnp_and_enter_the_identity():
   with pytest.raises(ValueError, match='needs a BNP method'):
-    _train.validate(_train.RunConfig(method='vanilla', bnp_q='none'))
+    _config.check(_train.RunConfig(method='vanilla', bnp_q='none'))
   with pytest.raises(ValueError, match='needs a BNP method'):
-    _train.validate(_train.RunConfig(method='bn', bnp_debias=True))
+    _config.check(_train.RunConfig(method='bn', bnp_debias=True))
   base = _train.RunConfig(method='bnp')
   names = {base.run_name(),
            _train.RunConfig(method='bnp', bnp_q='no_conv').run_name(),

@@ -83,8 +83,8 @@ def test_optimizer_step_matches_numpy_oracle():
           - lr * grads['norm']['scale'], rtol=1e-10)
       del step
   assert len(traces) == 1
-  assert set(layer_stats) == {'layers'}
-  assert set(layer_stats['layers']) == {0, 1}
+  # Keyed by layer path, as the optimizer's running statistics.
+  assert set(layer_stats) == {'layers/0', 'layers/1'}
 
 
 def test_linear_general_and_grouped_conv_need_and_get_layer_specs():
@@ -153,7 +153,7 @@ def test_calling_the_model_directly_records_nothing():
   y = model(jnp.ones((2, 6)))
   out, stats = bnp_optax.nnx.apply(model, jnp.ones((2, 6)))
   np.testing.assert_allclose(y, out)
-  assert float(stats['layers'][0].batch_size) == 2
+  assert float(stats['layers/0'].batch_size) == 2
 
 
 def test_registered_layer_type_is_measured():
@@ -241,9 +241,9 @@ def test_apply_in_one_thread_while_another_calls_the_model():
   try:
     for _ in range(5):
       _, stats = bnp_optax.nnx.apply(model, x)
-      np.testing.assert_allclose(stats['layers'][0].mean, np.mean(x, 0),
+      np.testing.assert_allclose(stats['layers/0'].mean, np.mean(x, 0),
                                  rtol=1e-6)
-      assert float(stats['layers'][0].batch_size) == 4
+      assert float(stats['layers/0'].batch_size) == 4
   finally:
     stop.set()
     thread.join()
@@ -253,7 +253,7 @@ def test_apply_in_one_thread_while_another_calls_the_model():
 
 
 def test_layer_specs_come_from_the_registry():
-  class Wide(nnx.LinearGeneral):  # registered without a layout_fn
+  class Wide(nnx.LinearGeneral):  # registered without a spec_fn
     pass
 
   class Grouped(nnx.Module):  # kernel (c_in / groups, c_out), two groups
@@ -269,7 +269,7 @@ def test_layer_specs_come_from_the_registry():
       Wide, lambda module, args, kwargs, outputs: None)
   bnp_optax.nnx.register_layer(
       Grouped, lambda module, args, kwargs, outputs: None,
-      layout_fn=lambda module: spec)
+      spec_fn=lambda module: spec)
 
   class Net(nnx.Module):
     def __init__(self, rngs):

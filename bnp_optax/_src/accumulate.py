@@ -70,10 +70,6 @@ class BNPMultiStepsState(NamedTuple):
   accumulated_stats: dict[str, AccumulatedStats]
 
 
-# The name of earlier releases.
-MultiStepsState = BNPMultiStepsState
-
-
 def _running_stats_of(inner_state: Any) -> dict[str, transform.RunningStats]:
   """The running statistics of every ``scale_by_bnp`` in ``inner_state``."""
   is_bnp = lambda x: isinstance(x, transform.ScaleByBNPState)
@@ -96,8 +92,6 @@ class MultiStepsTransformation(optax.GradientTransformationExtraArgs):
 def multi_steps(
     optimizer: optax.GradientTransformation,
     every_k_schedule: int | Callable[[jax.Array], jax.Array],
-    *,
-    layer_specs: layers_lib.LayerSpecs = None,
     **multi_steps_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.MultiSteps`` for BNP: accumulates statistics with gradients.
@@ -112,8 +106,6 @@ def multi_steps(
   Args:
     optimizer: the optimizer, containing :func:`scale_by_bnp`.
     every_k_schedule: as for ``optax.MultiSteps``.
-    layer_specs: not needed (the statistics are sized from the inner
-      optimizer's state); accepted for compatibility and ignored.
     **multi_steps_kwargs: other arguments of ``optax.MultiSteps``
       (``use_grad_mean``, ``should_skip_update_fn``).
 
@@ -134,7 +126,7 @@ def multi_steps(
     for Neural Network Training*, Journal of Machine Learning Research, 2022
     (Algorithm 2, whose batch statistics are those of the whole batch).
   """
-  del layer_specs  # The accumulator is sized from the inner state.
+  # The accumulator is sized from the inner optimizer's running statistics.
   accumulator = optax.MultiSteps(
       optimizer, every_k_schedule, **multi_steps_kwargs
   )

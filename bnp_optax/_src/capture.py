@@ -5,11 +5,12 @@ layer, or any object a framework integration hands over):
 
 - its *statistics function* ``statistics_fn(module, args, kwargs, outputs)``
   reduces the input of one call to a :class:`~bnp_optax.LayerStats`;
-- its *layout function* ``layout_fn(module)`` gives the kernel's
-  :class:`~bnp_optax.LayerSpec` without running the layer (``None`` when it
-  cannot be told before the call, or the layer is refused).
+- its *spec function* ``spec_fn(module)`` gives the kernel's
+  :class:`~bnp_optax.LayerSpec` (the layout of its axes) without running the
+  layer (``None`` when it cannot be told before the call, or the layer is
+  refused).
 
-Both come from the same attributes of the module, so the layout recorded with
+Both come from the same attributes of the module, so the spec recorded with
 the statistics and the one given to the optimizer up front agree. The
 functions here know nothing of Flax: the linen and NNX integrations
 (``linen_capture``, ``nnx_capture``) each hold a :class:`LayerRegistry` of
@@ -32,7 +33,7 @@ from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 StatisticsFn = Callable[[Any, tuple, dict, Any], statistics.LayerStats]
-LayoutFn = Callable[[Any], layout.LayerSpec | None]
+SpecFn = Callable[[Any], layout.LayerSpec | None]
 
 
 # ------------------------------------------------- framework-free statistics
@@ -62,23 +63,6 @@ def dense_statistics(x: jax.Array) -> statistics.LayerStats:
   return statistics.input_statistics(x, spec=layout.DENSE)
 
 
-def dense_general_layout(
-    num_batch_dims: int, num_axis: int
-) -> layout.LayerSpec:
-  """The kernel layout of a DenseGeneral/LinearGeneral layer.
-
-  Args:
-    num_batch_dims: the number of ``batch_dims`` (linen) / ``batch_axis``
-      (NNX), the input axes that are kernel axes too.
-    num_axis: the number of contracted input axes (``axis``).
-
-  Returns:
-    The :class:`~bnp_optax.LayerSpec` of the kernel
-    ``(*batch, *contracted, *features)``.
-  """
-  return layout.dense_general_spec(num_batch_dims, num_axis)
-
-
 def dense_general_statistics(
     x: jax.Array, axis: int | Sequence[int], batch_dims: Sequence[int]
 ) -> statistics.LayerStats:
@@ -100,21 +84,8 @@ def dense_general_statistics(
   return statistics.input_statistics(
       x,
       feature_axes=batch_dims + axis,
-      spec=dense_general_layout(len(batch_dims), len(axis)),
+      spec=layout.dense_general_spec(len(batch_dims), len(axis)),
   )
-
-
-def conv_layout(num_spatial: int, feature_groups: int) -> layout.LayerSpec:
-  """The kernel layout ``(*window, c_in / groups, c_out)`` of a convolution.
-
-  Args:
-    num_spatial: the number of spatial axes (2 for a 2-D convolution).
-    feature_groups: ``feature_group_count``.
-
-  Returns:
-    The :class:`~bnp_optax.LayerSpec` of the kernel.
-  """
-  return layout.conv_spec(num_spatial + 2, feature_groups)
 
 
 def conv_statistics(
@@ -139,7 +110,7 @@ def conv_statistics(
       x,
       batch_axes=tuple(range(num_batch_axes)),
       positions=positions,
-      spec=conv_layout(num_spatial, feature_groups),
+      spec=layout.conv_spec(num_spatial + 2, feature_groups),
   )
 
 
@@ -151,28 +122,63 @@ class LayerType:
   """How one module type is measured.
 
   Attributes:
-    statistics: ``statistics_fn(module, args, kwargs, outputs)``, the input
-      statistics of one call.
-    layout: ``layout_fn(module)``, the kernel layout read from the module's
-      attributes, or ``None`` when the layout is known only from the
-      statistics (a registered type without a layout function) or the type
+    statistics_fn: ``statistics_fn(module, args, kwargs, outputs)``, the
+      input statistics of one call.
+    spec_fn: ``spec_fn(module)``, the kernel's spec read from the module's
+      attributes, or ``None`` when the spec is known only from the
+      statistics (a registered type without a spec function) or the type
       is refused. ``nnx.layer_specs`` reads it from the model's modules;
       ``linen.layer_specs`` traces the model instead (linen modules exist
       only inside ``apply``) and reads the ``spec`` recorded with the
-      statistics, which the built-in statistics functions take from the
-      same attributes.
+      statistics, which :meth:`measure` takes from ``spec_fn`` when the
+      statistics function records none.
   """
 
-  statistics: StatisticsFn
-  layout: LayoutFn | None = None
+  statistics_fn: StatisticsFn
+  spec_fn: SpecFn | None = None
+
+  def measure(self, module: Any, args: tuple, kwargs: dict, outputs: Any,
+              name: str) -> statistics.LayerStats:
+    """The statistics of one call, checked, with the kernel's spec.
+
+    Args:
+      module: the layer.
+      args: the positional arguments of its call.
+      kwargs: the keyword arguments of its call.
+      outputs: what the call returned.
+      name: the layer's path, for error messages.
+
+    Returns:
+      The :class:`~bnp_optax.LayerStats` of the call.
+
+    Raises:
+      TypeError: the statistics function returned something else.
+      ValueError: its recorded spec and ``spec_fn``'s disagree.
+    """
+    stats = checked(self.statistics_fn(module, args, kwargs, outputs), name)
+    if self.spec_fn is None:
+      return stats
+    spec = self.spec_fn(module)
+    if spec is None:
+      return stats
+    if stats.spec is None:
+      return stats.replace(spec=spec)
+    if stats.spec != spec:
+      raise ValueError(
+          f'bnp_optax: layer {name!r}: its statistics record the spec '
+          f'{stats.spec} but spec_fn gives {spec}; they must agree '
+          "(register_layer's spec_fn defaults to that of the registered type "
+          'the module derives from).'
+      )
+    return stats
 
 
 def dense_layer() -> LayerType:
   """A Dense/Linear layer: kernel ``(n_in, n_out)``."""
-  def stats(module, args, kwargs, outputs):
+  def statistics_fn(module, args, kwargs, outputs):
     del outputs
     return dense_statistics(first_input(args, kwargs, module))
-  return LayerType(stats, lambda module: layout.DENSE)
+  return LayerType(statistics_fn, lambda module: layout.DENSE)
 
 
 def dense_general_layer(
@@ -187,17 +193,17 @@ def dense_general_layer(
   Returns:
     The :class:`LayerType`.
   """
-  def stats(module, args, kwargs, outputs):
+  def statistics_fn(module, args, kwargs, outputs):
     del outputs
     axis, batch_dims = attributes(module)
     return dense_general_statistics(
         first_input(args, kwargs, module), axis, batch_dims)
 
-  def layout(module):
+  def spec_fn(module):
     axis, batch_dims = attributes(module)
-    return dense_general_layout(len(batch_dims), len(axis))
+    return layout.dense_general_spec(len(batch_dims), len(axis))
 
-  return LayerType(stats, layout)
+  return LayerType(statistics_fn, spec_fn)
 
 
 def conv_layer(attributes: Callable[[Any], tuple[int, int]]) -> LayerType:
@@ -209,16 +215,17 @@ def conv_layer(attributes: Callable[[Any], tuple[int, int]]) -> LayerType:
   Returns:
     The :class:`LayerType`.
   """
-  def stats(module, args, kwargs, outputs):
+  def statistics_fn(module, args, kwargs, outputs):
     num_spatial, feature_groups = attributes(module)
     return conv_statistics(
         first_input(args, kwargs, module), outputs, num_spatial,
         feature_groups)
 
-  def layout(module):
-    return conv_layout(*attributes(module))
+  def spec_fn(module):
+    num_spatial, feature_groups = attributes(module)
+    return layout.conv_spec(num_spatial + 2, feature_groups)
 
-  return LayerType(stats, layout)
+  return LayerType(statistics_fn, spec_fn)
 
 
 class LayerRegistry:
@@ -261,11 +268,25 @@ class LayerRegistry:
         return layer_type
     return None
 
-  def layout_of_type(self, module_type: type) -> LayoutFn | None:
-    """The layout function of the registered base class of ``module_type``."""
+  def register_layer(self, module_type: type, statistics_fn: StatisticsFn,
+                     spec_fn: SpecFn | None) -> None:
+    """What the integrations' ``register_layer`` does.
+
+    Args:
+      module_type: the module type.
+      statistics_fn: its statistics function.
+      spec_fn: its spec function; ``None`` for that of the registered type
+        ``module_type`` derives from, if any.
+    """
+    if spec_fn is None:
+      spec_fn = self.spec_fn_of_type(module_type)
+    self.register(module_type, LayerType(statistics_fn, spec_fn))
+
+  def spec_fn_of_type(self, module_type: type) -> SpecFn | None:
+    """The spec function of the registered base class of ``module_type``."""
     for registered, layer_type in self._entries:
       if isinstance(module_type, type) and issubclass(module_type, registered):
-        return layer_type.layout
+        return layer_type.spec_fn
     return None
 
   @property
@@ -273,7 +294,7 @@ class LayerRegistry:
     return [t for t, _ in self._entries]
 
   def unsupported(self, reason: str) -> LayerType:
-    """A layer type that refuses the layer, naming it, and has no layout."""
+    """A layer type that refuses the layer, naming it, and has no spec."""
     def refuse(module, args, kwargs, outputs):
       del args, kwargs, outputs
       raise NotImplementedError(

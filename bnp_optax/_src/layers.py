@@ -154,27 +154,37 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   )
   leaves = [leaf for _, leaf in flat]
   leaf_paths = [key_path_to_tuple(kp) for kp, _ in flat]
+  masked = frozenset(
+      path[:-1] if path and path[-1] == KERNEL else path
+      for leaf, path in zip(leaves, leaf_paths) if _is_masked(leaf))
+  if layer_specs is not None and any(
+      isinstance(v, LeafLayer) for v in layer_specs.values()):
+    return _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
+                              masked)
+  layers = _kernel_layers(leaves, leaf_paths, layer_specs)
+  if layer_specs is not None:
+    masked_names = {path_to_str(m) for m in masked}
+    unknown = sorted(set(layer_specs) - set(layers) - masked_names)
+    if unknown:
+      raise ValueError(
+          f'layer_specs names layers with no kernel in the parameters: '
+          f'{unknown}. Layer paths look like {sorted(layers)[:3]}.'
+      )
+  return ParameterTree(leaves, treedef, leaf_paths, layers, masked)
+
+
+def _kernel_layers(leaves, leaf_paths, layer_specs) -> dict[str, Layer]:
+  """The layers of a tree named as Flax names them, by the ``kernel`` leaf."""
   children: dict[PathTuple, dict[str, int]] = {}
   for index, path in enumerate(leaf_paths):
     if path:
       children.setdefault(path[:-1], {})[path[-1]] = index
-  masked = set()
-  for leaf, path in zip(leaves, leaf_paths):
-    if _is_masked(leaf):
-      masked.add(path[:-1] if path and path[-1] == KERNEL else path)
-  if layer_specs is not None and any(
-      isinstance(v, LeafLayer) for v in layer_specs.values()):
-    return _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
-                              frozenset(masked))
   layers = {}
   for parent, names in children.items():
-    if KERNEL not in names:
+    if KERNEL not in names or _is_masked(leaves[names[KERNEL]]):
       continue
     name = path_to_str(parent)
-    kernel = leaves[names[KERNEL]]
-    if _is_masked(kernel):
-      continue
-    shape = tuple(getattr(kernel, 'shape', ()))
+    shape = tuple(getattr(leaves[names[KERNEL]], 'shape', ()))
     explicit = layer_specs is not None and name in layer_specs
     if explicit:
       spec = layout.check_spec(name, layer_specs[name], shape)
@@ -185,19 +195,8 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
     bias_index = names.get(BIAS)
     if bias_index is not None and _is_masked(leaves[bias_index]):
       bias_index = None
-    layers[name] = Layer(spec, names[KERNEL], bias_index, shape,
-                         explicit)
-  if layer_specs is not None:
-    masked_names = {path_to_str(m) for m in masked}
-    unknown = sorted(set(layer_specs) - set(layers) - masked_names)
-    if unknown:
-      raise ValueError(
-          f'layer_specs names layers with no kernel in the parameters: '
-          f'{unknown}. Layer paths look like {sorted(layers)[:3]}.'
-      )
-  return ParameterTree(
-      leaves, treedef, leaf_paths, layers, frozenset(masked)
-  )
+    layers[name] = Layer(spec, names[KERNEL], bias_index, shape, explicit)
+  return layers
 
 
 def _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
@@ -249,7 +248,12 @@ def _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
 def flatten_layer_stats(
     layer_stats: Any,
 ) -> dict[str, statistics.LayerStats]:
-  """``{layer path: LayerStats}`` from the tree the integrations return."""
+  """``{layer path: LayerStats}`` from the ``layer_stats`` given to update.
+
+  Every capture route returns this flat dict already; a tree nested by path
+  (``{'Block_0': {'Dense_1': stats}}``) or, for a model that is one layer, a
+  bare ``LayerStats`` (``'<root>'``) is flattened to it.
+  """
   is_stats = lambda x: isinstance(x, statistics.LayerStats)
   flat = jax.tree_util.tree_flatten_with_path(layer_stats, is_leaf=is_stats)[0]
   result = {}
@@ -315,38 +319,50 @@ def match_statistics(
             f'layer was measured as {measured}.'
         )
       spec = measured
-    expected = spec.statistics_shape(layer.kernel_shape)
-    for field in ('mean', 'variance'):
-      got = tuple(getattr(s, field).shape)
-      if got != expected:
-        raise ValueError(
-            f'scale_by_bnp: layer {name!r}: statistics {field} has shape '
-            f'{got} but its {spec.kind} kernel of shape '
-            f'{layer.kernel_shape} has fan-in shape {expected}. '
-            + _LAYOUT_HINT
-        )
-    for field in ('count', 'batch_size', 'positions'):
-      if getattr(s, field).shape != ():
-        raise ValueError(
-            f'scale_by_bnp: layer {name!r}: statistics {field} must be a '
-            f'scalar, got shape {getattr(s, field).shape}.'
-        )
+    _check_statistics_shapes(name, s, spec, layer.kernel_shape)
     if layer.bias_index is not None:
-      bias_shape = tuple(getattr(tree.leaves[layer.bias_index], 'shape', ()))
-      want = spec.bias_shape(layer.kernel_shape)
-      if layer.leaf_layer:
-        # A leaf layer's bias may hold size-1 axes: (c_out, 1, 1).
-        mismatch = math.prod(bias_shape) != math.prod(want)
-      else:
-        mismatch = bias_shape != want
-      if mismatch:
-        raise ValueError(
-            f'scale_by_bnp: layer {name!r}: bias shape {bias_shape} does not '
-            f'match the output axes {want} of its kernel '
-            f'{layer.kernel_shape}.'
-        )
+      _check_bias_shape(name, tree.leaves[layer.bias_index], spec, layer)
     specs[name] = spec
   return specs
+
+
+def _check_statistics_shapes(name: str, s: statistics.LayerStats,
+                             spec: LayerSpec, kernel_shape) -> None:
+  """Raises unless ``s`` has the fan-in shape of the kernel and scalars."""
+  expected = spec.statistics_shape(kernel_shape)
+  for field in ('mean', 'variance'):
+    got = tuple(getattr(s, field).shape)
+    if got != expected:
+      raise ValueError(
+          f'scale_by_bnp: layer {name!r}: statistics {field} has shape '
+          f'{got} but its {spec.kind} kernel of shape '
+          f'{kernel_shape} has fan-in shape {expected}. '
+          + _LAYOUT_HINT
+      )
+  for field in ('count', 'batch_size', 'positions'):
+    if getattr(s, field).shape != ():
+      raise ValueError(
+          f'scale_by_bnp: layer {name!r}: statistics {field} must be a '
+          f'scalar, got shape {getattr(s, field).shape}.'
+      )
+
+
+def _check_bias_shape(name: str, bias: Any, spec: LayerSpec,
+                      layer: Layer) -> None:
+  """Raises unless ``bias`` spans the kernel's output axes."""
+  bias_shape = tuple(getattr(bias, 'shape', ()))
+  want = spec.bias_shape(layer.kernel_shape)
+  if layer.leaf_layer:
+    # A leaf layer's bias may hold size-1 axes: (c_out, 1, 1).
+    mismatch = math.prod(bias_shape) != math.prod(want)
+  else:
+    mismatch = bias_shape != want
+  if mismatch:
+    raise ValueError(
+        f'scale_by_bnp: layer {name!r}: bias shape {bias_shape} does not '
+        f'match the output axes {want} of its kernel '
+        f'{layer.kernel_shape}.'
+    )
 
 
 def state_mismatch_message(name, state_shape, spec, kernel_shape) -> str:

@@ -104,8 +104,6 @@ def dense_general_spec(
   )
 
 
-
-
 def infer_layer_spec(kernel_shape: tuple[int, ...]) -> LayerSpec | None:
   """Flax's conventions: 2-D kernels are Dense, higher ones Conv."""
   if len(kernel_shape) == 2:
@@ -176,7 +174,7 @@ class KernelView(NamedTuple):
   def window_size(self) -> int:
     return math.prod(self.shape[a] for a in self.spatial)
 
-  def statistics(self, vector: jax.Array) -> jax.Array:
+  def reshape_statistics(self, vector: jax.Array) -> jax.Array:
     """The kernel's statistics, ``spec.statistics_shape``, in the view.
 
     The last (channel) axis is split by group when the kernel is grouped.

@@ -29,6 +29,7 @@ COLLECTION = 'bnp_optax_layer_stats'
 _SOW_NAME = 'input_stats'
 
 StatisticsFn = capture.StatisticsFn
+SpecFn = capture.SpecFn
 
 
 def module_name(module: nn.Module) -> str:
@@ -63,7 +64,13 @@ _REGISTRY.register(nn.ConvTranspose, _REGISTRY.unsupported(
     'a transposed convolution sees a zero-dilated input'))
 
 
-def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
+def register_layer(
+    module_type: type,
+    statistics_fn: StatisticsFn,
+    *,
+    spec_fn: SpecFn | None = None,
+    layout_fn: SpecFn | None = None,
+) -> None:
   """Teaches :func:`apply` the input statistics of a module type.
 
   The module's parameters must be named ``kernel`` (and ``bias``, if any),
@@ -71,13 +78,21 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
   outputs)`` receives the module and the arguments and result of its
   ``__call__`` and returns the statistics of the input, usually with
   :func:`bnp_optax.input_statistics`, whose ``feature_axes`` say which input
-  axes are the fan-in (and ``spec`` which kernel axes they are).
+  axes are the fan-in (and ``spec`` which kernel axes they are). The same
+  keywords as :func:`bnp_optax.nnx.register_layer`.
 
   Args:
     module_type: a ``flax.linen.Module`` subclass; registering a type again
       replaces its function. It takes precedence over the built-in types, so
       a subclass of ``nn.Dense`` can be measured differently.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
+    spec_fn: optional ``module -> LayerSpec``, the kernel's layout read from
+      the module, recorded with the statistics when ``statistics_fn``
+      records none (and so given by :func:`layer_specs`); needed only when
+      the kernel is not laid out as a Dense ``(n_in, n_out)`` or Conv
+      ``(*window, c_in, c_out)`` kernel. Default: that of the registered
+      type ``module_type`` derives from, if any.
+    layout_fn: the former name of ``spec_fn``.
 
   Example:
     >>> import flax.linen as nn
@@ -97,11 +112,13 @@ def register_layer(module_type: type, statistics_fn: StatisticsFn) -> None:
     >>> model = Affine(2)
     >>> x = jnp.ones((4, 3))
     >>> variables = model.init(jax.random.key(0), x)
-    >>> _, stats = bnp_optax.linen.apply(model, variables, x)
-    >>> stats.mean.shape
+    >>> _, layer_stats = bnp_optax.linen.apply(model, variables, x)
+    >>> layer_stats['<root>'].mean.shape
     (3,)
   """
-  _REGISTRY.register(module_type, capture.LayerType(statistics_fn))
+  _REGISTRY.register_layer(
+      module_type, statistics_fn,
+      spec_fn if spec_fn is not None else layout_fn)
 
 
 def _record_input_statistics(next_fun, args, kwargs, context):
@@ -121,8 +138,8 @@ def _record_input_statistics(next_fun, args, kwargs, context):
         f"0, {COLLECTION!r}: 0}} (bnp_optax.linen.COLLECTION); each slice "
         'is then preconditioned as a layer of its own.'
     )
-  stats = layer_type.statistics(module, args, kwargs, outputs)
-  module.sow(COLLECTION, _SOW_NAME, capture.checked(stats, module_name(module)))
+  module.sow(COLLECTION, _SOW_NAME, layer_type.measure(
+      module, args, kwargs, outputs, module_name(module)))
   return outputs
 
 
@@ -154,51 +171,28 @@ def intercept_layer(
     yield
 
 
-def _unstack(stats: statistics.LayerStats) -> statistics.LayerStats:
-  """Statistics stacked by nn.scan/nn.vmap: one independent layer a slice.
-
-  The stacked leading axes become independent axes of the layer (its kernel
-  is stacked the same way); the scalars, equal for slices that see batches
-  of the same size, are averaged.
-  """
-  lead = stats.count.ndim
-  if lead == 0:
-    return stats
-  axes = tuple(range(lead))
-  spec = stats.spec
-  if spec is not None:
-    shift = lambda t: tuple(a + lead for a in t)
-    spec = layout.LayerSpec(
-        spatial_axes=shift(spec.spatial_axes),
-        fan_in_axes=shift(spec.fan_in_axes),
-        independent_axes=axes + shift(spec.independent_axes),
-        feature_groups=spec.feature_groups,
-    )
-  return stats.replace(
-      count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
-      positions=stats.positions.mean(axes), spec=spec)
-
-
-def _collect(tree: Mapping[str, Any]) -> Any:
-  """Turns the sown collection into ``{name: {...: LayerStats}}``.
+def _collect(
+    tree: Mapping[str, Any], path: tuple[str, ...] = ()
+) -> dict[str, statistics.LayerStats]:
+  """Turns the sown collection into ``{layer path: LayerStats}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
-  which are merged exactly (see :func:`merge_statistics`).
+  which are merged exactly (see :func:`merge_statistics`); statistics
+  stacked by ``nn.scan``/``nn.vmap`` are one layer a slice (see
+  :func:`statistics.unstack`).
   """
   result = {}
   for key, value in tree.items():
-    if key == _SOW_NAME:
-      continue
-    result[key] = _collect(value)
+    if key != _SOW_NAME:
+      result.update(_collect(value, path + (str(key),)))
   if _SOW_NAME in tree:
-    merged = statistics.merge_statistics(
-        [_unstack(s) for s in tree[_SOW_NAME]])
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
           f'supported (submodules {sorted(result)}).'
       )
-    return merged
+    result[layers_lib.path_to_str(path)] = statistics.merge_statistics(
+        [statistics.unstack(s) for s in tree[_SOW_NAME]])
   return result
 
 
@@ -263,9 +257,10 @@ def apply(
       ``method``, ...) and of the model call.
 
   Returns:
-    ``(output, layer_stats)``: what ``model.apply`` would return, and a nested
-    dict that mirrors the parameters down to each layer, whose values are
-    :class:`~bnp_optax.LayerStats`.
+    ``(output, layer_stats)``: what ``model.apply`` would return, and
+    ``{layer path: LayerStats}``, keyed as the optimizer's running statistics
+    (``'Block_0/Dense_1'``; ``'<root>'`` when the model is the layer), as
+    every capture route returns them.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -309,8 +304,6 @@ def apply(
     )
   mutated = dict(mutated)
   sown = mutated.pop(COLLECTION, {})
-  # When the model itself is a Dense/Conv layer this is a bare LayerStats,
-  # at the root like its parameters.
   layer_stats = _collect(sown)
   if axis_name is not None:
     layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)

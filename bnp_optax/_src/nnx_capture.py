@@ -26,7 +26,7 @@ from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
 StatisticsFn = capture.StatisticsFn
-LayoutFn = capture.LayoutFn
+SpecFn = capture.SpecFn
 
 _state = threading.local()
 
@@ -84,8 +84,7 @@ def _recording_call(original):
     if outermost:
       layer_type = _REGISTRY.lookup(self)
       if layer_type is not None:
-        collector.record(
-            self, layer_type.statistics(self, args, kwargs, outputs))
+        collector.record(self, layer_type, args, kwargs, outputs)
     return outputs
 
   return call
@@ -122,25 +121,29 @@ def register_layer(
     module_type: type,
     statistics_fn: StatisticsFn,
     *,
-    layout_fn: LayoutFn | None = None,
+    spec_fn: SpecFn | None = None,
+    layout_fn: SpecFn | None = None,
 ) -> None:
   """Teaches :func:`apply` the input statistics of an NNX module type.
 
   The module's parameters must be named ``kernel`` (and ``bias``, if any).
   ``statistics_fn(module, args, kwargs, outputs)`` receives the module and
   the arguments and result of its ``__call__`` and returns the statistics of
-  the input, usually with :func:`bnp_optax.input_statistics`.
+  the input, usually with :func:`bnp_optax.input_statistics`. The same
+  keywords as :func:`bnp_optax.linen.register_layer`.
 
   Args:
     module_type: an ``nnx.Module`` subclass; it takes precedence over the
       built-in types.
     statistics_fn: computes the :class:`~bnp_optax.LayerStats` of one call.
-    layout_fn: optional ``module -> LayerSpec``, the kernel layout read from
-      the module, for :func:`layer_specs`; needed only when the kernel is not
-      laid out as a Dense ``(n_in, n_out)`` or Conv ``(*window, c_in,
+    spec_fn: optional ``module -> LayerSpec``, the kernel's layout read from
+      the module, for :func:`layer_specs` (and recorded with the statistics
+      when ``statistics_fn`` records none); needed only when the kernel is
+      not laid out as a Dense ``(n_in, n_out)`` or Conv ``(*window, c_in,
       c_out)`` kernel. It must agree with the ``spec`` of the statistics.
       Default: that of the registered type ``module_type`` derives from
       (``nnx.LinearGeneral``'s for a subclass of it), if any.
+    layout_fn: the former name of ``spec_fn``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -156,14 +159,14 @@ def register_layer(
     >>> bnp_optax.nnx.register_layer(
     ...     Affine, lambda module, args, kwargs, outputs:
     ...     bnp_optax.input_statistics(args[0]))
-    >>> _, stats = bnp_optax.nnx.apply(Affine(3, 2, nnx.Rngs(0)),
-    ...                                jnp.ones((4, 3)))
-    >>> stats.mean.shape
+    >>> _, layer_stats = bnp_optax.nnx.apply(Affine(3, 2, nnx.Rngs(0)),
+    ...                                      jnp.ones((4, 3)))
+    >>> layer_stats['<root>'].mean.shape
     (3,)
   """
-  if layout_fn is None:
-    layout_fn = _REGISTRY.layout_of_type(module_type)
-  _REGISTRY.register(module_type, capture.LayerType(statistics_fn, layout_fn))
+  _REGISTRY.register_layer(
+      module_type, statistics_fn,
+      spec_fn if spec_fn is not None else layout_fn)
 
 
 class _Collector:
@@ -183,7 +186,8 @@ class _Collector:
       return f'<{type(module).__name__} outside the model>'
     return layers_lib.path_to_str(tuple(str(k) for k in path))
 
-  def record(self, module, stats):
+  def record(self, module, layer_type: capture.LayerType, args, kwargs,
+             outputs) -> None:
     path = self.paths.get(id(module))
     if path is None:
       raise ValueError(
@@ -191,19 +195,17 @@ class _Collector:
           'of the model given to apply() was called; its parameters would '
           'have no statistics. Call the layers through the model.'
       )
-    stats = capture.checked(stats, self.name_of(module))
+    stats = layer_type.measure(module, args, kwargs, outputs,
+                               self.name_of(module))
     self.stats.setdefault(path, []).append(stats)
 
-  def tree(self):
-    if () in self.stats:
-      return statistics.merge_statistics(self.stats[()])
-    result: dict = {}
-    for path, stats in self.stats.items():
-      node = result
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = statistics.merge_statistics(stats)
-    return result
+  def layer_stats(self) -> dict[str, statistics.LayerStats]:
+    """``{layer path: LayerStats}``, every layer's calls merged."""
+    return {
+        layers_lib.path_to_str(tuple(str(k) for k in path)):
+            statistics.merge_statistics(stats)
+        for path, stats in self.stats.items()
+    }
 
 
 def apply(
@@ -226,8 +228,10 @@ def apply(
     **kwargs: its call's keyword arguments.
 
   Returns:
-    ``(output, layer_stats)``, where ``layer_stats`` is a nested dict keyed
-    like the model's parameter state (``{'layers': {0: LayerStats}}``).
+    ``(output, layer_stats)``, where ``layer_stats`` is ``{layer path:
+    LayerStats}``, keyed as the optimizer's running statistics
+    (``'layers/0'``; ``'<root>'`` when the model is the layer), as every
+    capture route returns them.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -264,7 +268,7 @@ def apply(
       outputs = model(*args, **kwargs)
     finally:
       _state.collector = None
-  layer_stats = collector.tree()
+  layer_stats = collector.layer_stats()
   if axis_name is not None:
     layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
   return outputs, layer_stats
@@ -274,10 +278,10 @@ def layer_specs(model: nnx.Module) -> dict[str, layout.LayerSpec]:
   """The kernel layout of every measured layer of ``model``.
 
   Needed for ``nnx.LinearGeneral`` with several axes or batch axes, for
-  grouped ``nnx.Conv`` and for registered types with a ``layout_fn``, whose
+  grouped ``nnx.Conv`` and for registered types with a ``spec_fn``, whose
   optimizer state must know the layout when it is created:
   ``bnp_optax.bnp(..., layer_specs=bnp_optax.nnx.layer_specs(model))``. Read
-  from the modules' attributes by each registered type's layout function;
+  from the modules' attributes by each registered type's spec function;
   nothing runs.
 
   Args:
@@ -297,9 +301,9 @@ def layer_specs(model: nnx.Module) -> dict[str, layout.LayerSpec]:
   specs = {}
   for path, node in nnx.iter_graph(model):
     layer_type = _REGISTRY.lookup(node)
-    if layer_type is None or layer_type.layout is None:
+    if layer_type is None or layer_type.spec_fn is None:
       continue
-    spec = layer_type.layout(node)
+    spec = layer_type.spec_fn(node)
     if spec is not None:
       specs[layers_lib.path_to_str(tuple(str(k) for k in path))] = spec
   return specs

@@ -84,16 +84,12 @@ def _column_sums(rows: jax.Array) -> jax.Array:
   """``rows.sum(0)``; on CPU, for few rows, as a matrix-vector product.
 
   XLA:CPU runs the column reduction of a short, wide ``(rows, features)``
-  matrix several times slower than the library GEMV ``1^T rows`` (about
-  65 us against ~10 us for the paper's ``60 x 784`` input on a 2-core x86
-  machine, jaxlib 0.10). With more rows the GEMV loses: its operand must be
-  materialised (the squared deviations, a temporary the size of the layer
-  input), where the reduction fuses with its producer. Measured in one
-  interleaved run (``benchmarks/RESULTS.md``, BNP step / SGD step): FC
-  batch 60 1.14 (GEMV) vs 1.17 (reduction), batch 512 1.11 (GEMV for all)
-  vs 1.07 (reduction), CNN batch 2 1.07 (GEMV for all) vs 1.02 (GEMV for
-  the Dense layers only). Other platforms always reduce. ``HIGHEST`` keeps
-  the sums in full float32.
+  matrix several times slower than the library GEMV ``1^T rows``. With more
+  rows the GEMV loses: its operand must be materialised (the squared
+  deviations, a temporary the size of the layer input), where the reduction
+  fuses with its producer (the timings are in ``benchmarks/RESULTS.md``,
+  "Timings behind the library's choices"). Other platforms always reduce.
+  ``HIGHEST`` keeps the sums in full float32.
   """
   if rows.shape[0] > _CPU_GEMV_MAX_ROWS:
     return jnp.sum(rows, axis=0)
@@ -178,14 +174,13 @@ def _fold_factor(rows: jax.Array) -> int:
   """How many rows :func:`_shifted_two_pass` sums side by side on CPU.
 
   XLA:CPU sums the columns of a tall matrix with short rows at a fraction of
-  memory bandwidth: both passes over the ``(131072, 3)`` input of a CNN's
-  first convolution took ~1.24 ms, against ~0.26 ms with the matrix seen as
-  ``(131072 / 32, 32 * 3)`` (a free reshape) and the 32 partial sums of each
-  column added afterwards; ``(32768, 16)``: 0.44 -> 0.31 ms, ``(32768, 32)``
-  0.53 -> 0.47 ms; 64 columns folded in two were slower (0.29 -> 0.32 ms),
-  so they are not folded (``benchmarks/RESULTS.md``). Only the order of the
-  additions differs. The factor is the largest power of two ``k`` that
-  divides the rows, keeps ``k * columns <= 96`` and leaves more than
+  memory bandwidth; seen as ``(rows / k, k * columns)`` (a free reshape),
+  with the ``k`` partial sums of each column added afterwards, it sums them
+  several times faster up to about 96 columns, while 64 columns folded in
+  two were slower, so they are not folded (the timings are in
+  ``benchmarks/RESULTS.md``, "Timings behind the library's choices"). Only
+  the order of the additions differs. The factor is the largest power of two
+  ``k`` that divides the rows, keeps ``k * columns <= 96`` and leaves more than
   ``_CPU_GEMV_MAX_ROWS`` rows; ``1`` for a batch sharded across its rows,
   which a reshape could move between devices.
   """
@@ -349,28 +344,97 @@ def merge_statistics(stats: Sequence[LayerStats]) -> LayerStats:
   spec = _common_spec(stats)
   if len(stats) == 1:
     return stats[0].replace(spec=spec)
-  # Deviations from one call's mean (the one with most data, so an empty
+  zero_residual = lambda s: (s.mean_residual if s.mean_residual is not None
+                             else jnp.zeros_like(s.mean))
+  stack = lambda field: jnp.stack([field(s) for s in stats])
+  return merge_stacked(LayerStats(
+      mean=stack(lambda s: s.mean),
+      variance=stack(lambda s: s.variance),
+      count=stack(lambda s: s.count),
+      batch_size=stack(lambda s: s.batch_size),
+      positions=stack(lambda s: s.positions),
+      spec=spec,
+      mean_residual=stack(zero_residual),
+  ))
+
+
+def merge_stacked(stats: LayerStats) -> LayerStats:
+  """Merges statistics stacked along leading axes, one entry per call.
+
+  The law of :func:`merge_statistics` (the one merge of the library), for
+  statistics whose scalars have leading axes (``count.shape``, e.g. the
+  steps of a ``scan``) in front of the features: the result is that of all
+  the entries' inputs taken together.
+
+  Args:
+    stats: statistics with ``count.ndim`` leading axes in every field.
+
+  Returns:
+    The merged :class:`LayerStats`, with scalar ``count``.
+  """
+  lead = stats.count.ndim
+  if lead == 0:
+    return stats
+  feature_shape = stats.mean.shape[lead:]
+  flat = lambda a: a.reshape((-1,) + a.shape[lead:])
+  count = flat(stats.count)
+  mean = flat(stats.mean)
+  per_feature = lambda c: c.reshape(c.shape + (1,) * len(feature_shape))
+  # Deviations from one entry's mean (the one with most data, so an empty
   # accumulator's zero mean is never the reference) are exact in float
   # arithmetic where the means are close; the corrected two-pass rule then
   # keeps a large mean with a small spread accurate, as in input_statistics.
-  reference, reference_count = stats[0].mean, stats[0].count
-  for s in stats[1:]:
-    reference = jnp.where(s.count > reference_count, s.mean, reference)
-    reference_count = jnp.maximum(s.count, reference_count)
-  total = sum(s.count for s in stats)
-  deviations = [s.deviation_from(reference) for s in stats]
-  mean, residual, variance = _combine_about(
-      reference, total,
-      sum(s.count * d for s, d in zip(stats, deviations)),
-      sum(s.count * (s.variance + jnp.square(d))
-          for s, d in zip(stats, deviations)),
+  reference = mean[jnp.argmax(count)]
+  deviation = mean - reference[None]
+  if stats.mean_residual is not None:
+    deviation = deviation + flat(stats.mean_residual)
+  weight = per_feature(count)
+  merged_mean, residual, variance = _combine_about(
+      reference, jnp.sum(count),
+      jnp.sum(weight * deviation, axis=0),
+      jnp.sum(weight * (flat(stats.variance) + jnp.square(deviation)),
+              axis=0),
   )
-  batch_size = sum(s.batch_size for s in stats)
-  positions = sum(s.batch_size * s.positions for s in stats) / jnp.maximum(
-      batch_size, 1
-  )
-  return LayerStats(mean, variance, total, batch_size, positions, spec,
-                    residual)
+  batch_size = flat(stats.batch_size)
+  total_batch = jnp.sum(batch_size)
+  positions = jnp.sum(batch_size * flat(stats.positions)) / jnp.maximum(
+      total_batch, 1)
+  return LayerStats(merged_mean, variance, jnp.sum(count), total_batch,
+                    positions, stats.spec, residual)
+
+
+def unstack(stats: LayerStats, spec: LayerSpec | None = None) -> LayerStats:
+  """Statistics stacked along leading axes, one independent layer a slice.
+
+  For a kernel stacked the same way (``nn.scan``/``nn.vmap`` with the
+  parameters on ``variable_axes``, a stacked kernel a ``lax.scan`` slices):
+  the leading axes stay, as independent axes of the layer; the scalars,
+  equal for slices that see batches of the same size, are averaged.
+
+  Args:
+    stats: statistics with ``count.ndim`` leading axes in every field.
+    spec: the layout of the stacked kernel; by default the recorded
+      per-slice layout with the stacked axes put in front, as independent
+      axes.
+
+  Returns:
+    The :class:`LayerStats` of the stacked layer, with scalar ``count``.
+  """
+  lead = stats.count.ndim
+  if lead == 0:
+    return stats
+  axes = tuple(range(lead))
+  if spec is None and stats.spec is not None:
+    shift = lambda t: tuple(a + lead for a in t)
+    spec = LayerSpec(
+        spatial_axes=shift(stats.spec.spatial_axes),
+        fan_in_axes=shift(stats.spec.fan_in_axes),
+        independent_axes=axes + shift(stats.spec.independent_axes),
+        feature_groups=stats.spec.feature_groups,
+    )
+  return stats.replace(
+      count=stats.count.mean(axes), batch_size=stats.batch_size.mean(axes),
+      positions=stats.positions.mean(axes), spec=spec)
 
 
 def all_reduce_statistics(stats, axis_name) -> object:

@@ -1,23 +1,13 @@
 """Layer input statistics of any JAX function, found by tracing it.
 
-Every dense and convolutional layer, whatever library wrote it, ends up as a
-``dot_general`` or ``conv_general_dilated`` with a parameter as one operand.
-This module traces ``fn(params, *args)`` to a jaxpr and finds those
-equations (:func:`_analyse`), then evaluates the jaxpr with an interpreter
-that also reduces each layer's activation operand to its
+This module traces ``fn(params, *args)`` to a jaxpr, has
+``tracing_analysis`` find its layers (which ``dot_general`` and
+``conv_general_dilated`` equations are dense and convolutional layers, their
+biases, why other parameters are passed through), then evaluates the jaxpr
+with an interpreter that also reduces each layer's activation operand to its
 :class:`~bnp_optax.LayerStats` (:func:`_evaluate`): the statistics come from
 the one forward pass, under whatever ``jit``/``grad``/``vmap`` the caller
 applies, and no activation is kept.
-
-What counts as a layer: one operand is a *view* of a parameter leaf (the leaf
-itself, or its transpose, element-type conversion, or a reshape that only
-adds or drops size-1 axes) and the other operand is not derived from
-parameters. Its bias is a parameter leaf added to the layer's output (through
-views and broadcasts along the non-feature axes). Parameters that reach a
-``dot_general``/``conv_general_dilated`` any other way (weight
-normalisation, a kernel computed from parameters, a product of two
-parameters, inside a ``cond``/``while``/``custom_jvp``) are not
-preconditioned, and :func:`describe` says why.
 
 Higher-order primitives: ``jit`` is inlined, ``remat``/``checkpoint`` is
 re-applied around the interpreted body (with the statistics as extra, non
@@ -28,7 +18,7 @@ parameter ``(steps, ...)`` is one layer per step (the stacked axis is an
 independent axis of the leaf, as for Flax's ``nn.scan``).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 import dataclasses
 import math
 from typing import Any
@@ -36,462 +26,11 @@ from typing import Any
 import jax
 from jax import lax
 from jax.extend import core as jax_core
-import jax.numpy as jnp
 import numpy as np
 
 from bnp_optax._src import layers as layers_lib
-from bnp_optax._src import layout
 from bnp_optax._src import statistics
-
-# Primitives that give a view of their operand: same elements, same order
-# along every axis of size > 1 (checked in _view_rule).
-_VIEW_PRIMITIVES = frozenset({
-    'convert_element_type', 'copy', 'copy_p', 'transpose', 'reshape',
-    'squeeze', 'expand_dims', 'broadcast_in_dim', 'sharding_constraint',
-})
-_INLINED = frozenset({'jit', 'pjit', 'closed_call', 'core_call'})
-# Indexing a parameter (``p['w'][i]``) makes a kernel per index that is not
-# a view of the whole leaf; only lax.scan's slicing is one layer per step.
-_INDEXING = frozenset({'slice', 'dynamic_slice', 'gather'})
-_INDEXED = ('indexed or sliced before use (e.g. p[...][i] in a Python loop '
-            'or fori_loop); a stack of kernels is captured when lax.scan '
-            'slices it, one layer per step')
-_REMAT = frozenset({'remat2', 'checkpoint', 'remat'})
-_DOT = 'dot_general'
-_CONV = 'conv_general_dilated'
-_FAN_IN, _INDEPENDENT, _OUTPUT, _SPATIAL = 'fan-in', 'independent', 'out', 's'
-
-
-@dataclasses.dataclass(frozen=True)
-class _Value:
-  """What the analysis knows of a jaxpr variable.
-
-  Attributes:
-    sources: the parameter leaves it is computed from.
-    data: whether it depends on the arguments of ``fn`` (an activation); a
-      value with sources and no data is computed from parameters alone.
-    leaf: when it is a view of one leaf, that leaf, else ``None``.
-    axes: for a view, the leaf axis behind each of its axes (``None`` for a
-      size-1 or broadcast axis).
-    broadcast: whether the view repeats elements (a bias broadcast to the
-      layer output; never a kernel).
-    note: why a value derived from parameters is not a view, if known.
-    sliced: the leaf axes that the enclosing ``scan`` slices (one kernel per
-      iteration); ``()`` outside such a scan.
-  """
-
-  sources: frozenset[int] = frozenset()
-  data: bool = False
-  leaf: int | None = None
-  axes: tuple[int | None, ...] = ()
-  broadcast: bool = False
-  note: str | None = None
-  sliced: tuple[int, ...] = ()
-
-
-_CONSTANT = _Value()
-_DATA = _Value(data=True)
-
-
-def _derived(values: Sequence[_Value], note: str | None = None) -> _Value:
-  sources = frozenset().union(*(v.sources for v in values))
-  data = any(v.data for v in values)
-  if not sources:
-    return _DATA if data else _CONSTANT
-  notes = [v.note for v in values if v.note]
-  return _Value(sources, data, note=notes[0] if notes else note)
-
-
-def _is_parameter(value: _Value) -> bool:
-  """Computed from parameters alone: a kernel, not an activation."""
-  return bool(value.sources) and not value.data
-
-
-@dataclasses.dataclass
-class _Site:
-  """One layer equation: which leaf, its layout, how to take statistics."""
-
-  leaf: int
-  spec: layout.LayerSpec
-  operand: int  # which invar is the activation
-  feature_axes: tuple[int, ...]
-  batch_axes: tuple[int, ...] | None
-  out_spatial: tuple[int, ...]  # output axes whose sizes are the positions
-  output_labels: tuple[tuple[str, int] | None, ...]  # per output axis
-  sliced: tuple[int, ...] = ()  # leaf axes sliced by the enclosing scan
-  bias: int | None = None
-
-  def statistics(self, invals, outvals) -> statistics.LayerStats:
-    x = invals[self.operand]
-    y = outvals[0]
-    return statistics.input_statistics(
-        x,
-        feature_axes=self.feature_axes,
-        batch_axes=self.batch_axes,
-        positions=math.prod(y.shape[a] for a in self.out_spatial),
-        spec=self.spec,
-    )
-
-
-@dataclasses.dataclass
-class _Analysis:
-  """The layers of a traced function, and why other parameters are not."""
-
-  num_leaves: int
-  sites: dict[int, _Site] = dataclasses.field(default_factory=dict)
-  reasons: dict[int, list[str]] = dataclasses.field(default_factory=dict)
-  uses: dict[int, int] = dataclasses.field(default_factory=dict)
-  # kernels sliced per iteration of a scan: one layer per step
-  sliced: set[int] = dataclasses.field(default_factory=set)
-  # ids of the jaxprs that contain a site, directly or nested
-  active: set[int] = dataclasses.field(default_factory=set)
-
-  def reject(self, leaves, reason: str) -> None:
-    for leaf in leaves:
-      self.reasons.setdefault(leaf, [])
-      if reason not in self.reasons[leaf]:
-        self.reasons[leaf].append(reason)
-
-
-def _view_rule(eqn, value: _Value) -> _Value | None:
-  """The view an eqn makes of a view, or ``None`` if it is not one."""
-  name = eqn.primitive.name
-  in_shape = tuple(eqn.invars[0].aval.shape)
-  out_shape = tuple(eqn.outvars[0].aval.shape)
-  axes = value.axes
-  if name in ('convert_element_type', 'copy', 'copy_p',
-              'sharding_constraint'):
-    return value
-  if name == 'transpose':
-    perm = eqn.params['permutation']
-    return dataclasses.replace(value, axes=tuple(axes[p] for p in perm))
-  if name == 'broadcast_in_dim':
-    new_axes = [None] * len(out_shape)
-    broadcast = value.broadcast
-    for j, d in enumerate(eqn.params['broadcast_dimensions']):
-      if in_shape[j] == out_shape[d]:
-        new_axes[d] = axes[j]
-      else:
-        broadcast = True
-    broadcast |= math.prod(out_shape) != math.prod(in_shape)
-    return dataclasses.replace(value, axes=tuple(new_axes),
-                               broadcast=broadcast)
-  if name in ('reshape', 'squeeze', 'expand_dims'):
-    if name == 'reshape' and eqn.params.get('dimensions') is not None:
-      return None
-    kept_in = [a for a, n in zip(axes, in_shape) if n != 1]
-    big_in = [n for n in in_shape if n != 1]
-    big_out = [n for n in out_shape if n != 1]
-    if big_in != big_out:  # merges or splits axes
-      return None
-    it = iter(kept_in)
-    new_axes = tuple(next(it) if n != 1 else None for n in out_shape)
-    return dataclasses.replace(value, axes=new_axes)
-  return None
-
-
-def _kernel_layout(
-    leaf_ndim: int, view: _Value, kernel_kinds: Sequence[str]
-) -> tuple[dict[int, int], list[str]] | str:
-  """Maps the kernel operand's axes to the leaf's, with each leaf axis' kind.
-
-  Returns ``({operand axis: leaf axis}, leaf axis kinds)`` or the reason
-  the leaf cannot be laid out so.
-  """
-  kinds = [_OUTPUT] * leaf_ndim  # size-1 axes the view dropped: outputs
-  for axis in view.sliced:
-    kinds[axis] = _INDEPENDENT
-  to_leaf = {}
-  for axis, (leaf_axis, kind) in enumerate(zip(view.axes, kernel_kinds)):
-    if leaf_axis is not None:
-      kinds[leaf_axis] = kind
-      to_leaf[axis] = leaf_axis
-  if _FAN_IN not in kinds:
-    return 'its fan-in axis is not an axis of the parameter'
-  return to_leaf, kinds
-
-
-def _dot_site(eqn, values: Sequence[_Value], analysis: _Analysis,
-              leaf_shapes) -> _Site | None:
-  (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
-  a, b = values
-  if _is_parameter(a) and _is_parameter(b):
-    analysis.reject(
-        a.sources | b.sources,
-        'both operands of a dot_general are computed from parameters alone '
-        '(a product of parameters, or a parameter used as both operands)')
-    return None
-  if not (_is_parameter(a) or _is_parameter(b)):
-    return None
-  k, operand = (0, 1) if _is_parameter(a) else (1, 0)
-  kernel = values[k]
-  kc, kb, xc, xb = (lc, lb, rc, rb) if k == 0 else (rc, rb, lc, lb)
-  if kernel.leaf is None or kernel.broadcast:
-    analysis.reject(kernel.sources, kernel.note or (
-        'transformed before its dot_general by an operation that is not a '
-        'transpose, reshape or type conversion (e.g. weight normalisation, '
-        'or a kernel computed from parameters)'))
-    return None
-  ndim = eqn.invars[k].aval.ndim
-  kinds = [_OUTPUT] * ndim
-  for axis in kc:
-    kinds[axis] = _FAN_IN
-  for axis in kb:
-    kinds[axis] = _INDEPENDENT
-  found = _kernel_layout(len(leaf_shapes[kernel.leaf]), kernel, kinds)
-  if isinstance(found, str):
-    analysis.reject(kernel.sources, found)
-    return None
-  to_leaf, leaf_kinds = found
-  independent = tuple(
-      i for i, kind in enumerate(leaf_kinds)
-      if kind == _INDEPENDENT and i not in kernel.sliced)
-  fan_in = tuple(i for i, kind in enumerate(leaf_kinds) if kind == _FAN_IN)
-  # The scan stacks the per-step statistics in front: sliced axes first.
-  spec = layout.LayerSpec((), fan_in, kernel.sliced + independent)
-  # The activation axis paired with each kernel axis, in the spec's order.
-  pairs = dict(zip(kc, xc)) | dict(zip(kb, xb))
-  from_leaf = {leaf_axis: axis for axis, leaf_axis in to_leaf.items()}
-  feature_axes = tuple(pairs[from_leaf[p]] for p in independent + fan_in)
-  # dot_general's output: batch axes, then lhs free, then rhs free axes.
-  k_free = [i for i in range(ndim) if i not in kc and i not in kb]
-  x_ndim = eqn.invars[operand].aval.ndim
-  x_free = [i for i in range(x_ndim) if i not in xc and i not in xb]
-  batch = [(_INDEPENDENT, to_leaf.get(i)) for i in kb]
-  k_labels = [(_OUTPUT, to_leaf.get(i)) for i in k_free]
-  x_labels = [None] * len(x_free)
-  labels = batch + (k_labels + x_labels if k == 0 else x_labels + k_labels)
-  return _Site(kernel.leaf, spec, operand, feature_axes, None, (),
-               tuple(labels), kernel.sliced)
-
-
-def _conv_site(eqn, values: Sequence[_Value], analysis: _Analysis,
-               leaf_shapes) -> _Site | None:
-  lhs, rhs = values
-  if _is_parameter(lhs):
-    analysis.reject(
-        lhs.sources | (rhs.sources if _is_parameter(rhs) else set()),
-        'used as the input (lhs) of a conv_general_dilated, or both operands '
-        'are computed from parameters alone')
-    return None
-  if not _is_parameter(rhs):
-    return None
-  params = eqn.params
-  if rhs.leaf is None or rhs.broadcast:
-    analysis.reject(rhs.sources, rhs.note or (
-        'transformed before its convolution by an operation that is not a '
-        'transpose, reshape or type conversion (e.g. weight normalisation)'))
-    return None
-  if any(d != 1 for d in params['lhs_dilation']):
-    analysis.reject(rhs.sources, 'a transposed convolution (lhs_dilation) '
-                    'sees a zero-dilated input')
-    return None
-  if params['batch_group_count'] != 1:
-    analysis.reject(rhs.sources, 'batch_group_count > 1')
-    return None
-  lhs_spec, rhs_spec, out_spec = params['dimension_numbers']
-  kinds = [_SPATIAL] * eqn.invars[1].aval.ndim
-  kinds[rhs_spec[0]], kinds[rhs_spec[1]] = _OUTPUT, _FAN_IN
-  found = _kernel_layout(len(leaf_shapes[rhs.leaf]), rhs, kinds)
-  if isinstance(found, str):
-    analysis.reject(rhs.sources, found)
-    return None
-  to_leaf, leaf_kinds = found
-  spec = layout.LayerSpec(
-      spatial_axes=tuple(
-          i for i, kind in enumerate(leaf_kinds) if kind == _SPATIAL),
-      fan_in_axes=tuple(
-          i for i, kind in enumerate(leaf_kinds) if kind == _FAN_IN),
-      independent_axes=rhs.sliced,
-      feature_groups=params['feature_group_count'],
-  )
-  try:
-    layout.check_spec('', spec, leaf_shapes[rhs.leaf])
-  except ValueError:
-    analysis.reject(rhs.sources, f'its layout {spec} does not fit the leaf')
-    return None
-  labels = [None] * len(out_spec)
-  labels[out_spec[1]] = (_OUTPUT, to_leaf.get(rhs_spec[0]))
-  return _Site(rhs.leaf, spec, 0, (lhs_spec[1],), (lhs_spec[0],),
-               tuple(out_spec[2:]), tuple(labels), rhs.sliced)
-
-
-def _slice(value: _Value) -> _Value:
-  """What a scan body sees of a value it scans over (axis 0 sliced)."""
-  if not _is_parameter(value):
-    return value
-  if (value.leaf is None or value.broadcast or value.sliced
-      or value.axes[0] is None):
-    return _derived([value], 'sliced by a scan in a way that is not one '
-                    'kernel per iteration')
-  return dataclasses.replace(value, axes=value.axes[1:],
-                             sliced=(value.axes[0],))
-
-
-def _uses(jaxpr) -> dict[Any, int]:
-  counts = {}
-  for eqn in jaxpr.eqns:
-    for v in eqn.invars:
-      if not isinstance(v, jax_core.Literal):
-        counts[v] = counts.get(v, 0) + 1
-  for v in jaxpr.outvars:
-    if not isinstance(v, jax_core.Literal):
-      counts[v] = counts.get(v, 0) + 2  # an output: used outside
-  return counts
-
-
-def _find_bias(jaxpr, start: int, site: _Site, env, uses,
-               leaf_shapes) -> int | None:
-  """The leaf added to the output of ``jaxpr.eqns[start]``, if a bias."""
-  var = jaxpr.eqns[start].outvars[0]
-  labels = list(site.output_labels)
-  shape = tuple(var.aval.shape)
-  position = start
-  while True:
-    if uses.get(var, 0) != 1:
-      return None
-    consumer = next(
-        (i, e) for i, e in enumerate(jaxpr.eqns[position + 1:], position + 1)
-        if any(v is var for v in e.invars))
-    position, eqn = consumer
-    name = eqn.primitive.name
-    if name in _VIEW_PRIMITIVES:
-      moved = _view_rule(eqn, _Value(leaf=-1, axes=tuple(range(len(shape)))))
-      if moved is None or moved.broadcast:
-        return None
-      labels = [None if a is None else labels[a] for a in moved.axes]
-      var = eqn.outvars[0]
-      shape = tuple(var.aval.shape)
-      continue
-    if name not in ('add', 'add_any'):
-      return None
-    other = eqn.invars[1] if eqn.invars[0] is var else eqn.invars[0]
-    if isinstance(other, jax_core.Literal):
-      return None
-    bias = env.get(other, _CONSTANT)
-    if bias.leaf is None or bias.leaf == site.leaf:
-      return None
-    # Sliced by the same scan as the kernel, in front (the stacked layers'
-    # biases (steps, n_out)), or not at all.
-    if len(bias.sliced) != len(site.sliced) or any(
-        a is not None and a < s for a in bias.axes for s in bias.sliced):
-      return None
-    other_shape = tuple(other.aval.shape)
-    if len(other_shape) != len(shape):
-      return None
-    order, bias_axes = [], []
-    for label, n, m, bias_axis in zip(labels, shape, other_shape,
-                                      bias.axes):
-      if m > n:  # the add would broadcast the layer output
-        return None
-      if n == 1:
-        continue
-      if label is None:
-        if bias_axis is not None and m != 1:
-          return None
-      else:
-        if bias_axis is None or m != n or label[1] is None:
-          return None
-        order.append(label)
-        bias_axes.append(bias_axis)
-    # The bias' elements must be in the order of the kernel's independent
-    # and output axes (what the core's reshape of the bias gradient needs).
-    kernel_shape = leaf_shapes[site.leaf]
-    spec = site.spec
-    want = [a for a in spec.independent_axes + spec.output_axes(
-        len(kernel_shape)) if kernel_shape[a] != 1 and a not in site.sliced]
-    if [a for _, a in order] != want or bias_axes != sorted(bias_axes):
-      return None
-    if math.prod(leaf_shapes[bias.leaf]) != math.prod(
-        spec.bias_shape(kernel_shape)):
-      return None
-    return bias.leaf
-
-
-def _analyse_jaxpr(jaxpr, in_values: Sequence[_Value], analysis: _Analysis,
-                   leaf_shapes, context: str | None) -> list[_Value]:
-  """Walks ``jaxpr``, recording layer sites; returns the outputs' values.
-
-  ``context`` names the enclosing primitive whose layers cannot be
-  captured (``cond``, ``while``, ...), or is ``None``.
-  """
-  env: dict[Any, _Value] = dict(zip(jaxpr.invars, in_values))
-  read = lambda v: (_CONSTANT if isinstance(v, jax_core.Literal)
-                    else env.get(v, _CONSTANT))
-  active = False
-  pending = []  # layer sites whose bias is looked for once env is complete
-  for index, eqn in enumerate(jaxpr.eqns):
-    values = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    outs = None
-    # Direct uses of each leaf (of a view of it) other than by views and
-    # calls (whose bodies are counted): a bias must have no use but its add.
-    counted = name not in _INLINED | _REMAT | {'scan'}
-    if name in _VIEW_PRIMITIVES and values and values[0].leaf is not None:
-      view = _view_rule(eqn, values[0])
-      counted = view is None
-      outs = [view if view is not None else _derived(values)]
-    elif name in (_DOT, _CONV):
-      site_fn = _dot_site if name == _DOT else _conv_site
-      site = site_fn(eqn, values, analysis, leaf_shapes)
-      if site is not None:
-        if context is not None:
-          analysis.reject({site.leaf}, f'used as a kernel inside {context}, '
-                          'where statistics are not captured')
-        else:
-          pending.append((index, site))
-          analysis.sites[id(eqn)] = site
-          if site.sliced:
-            analysis.sliced.add(site.leaf)
-          active = True
-      outs = [_derived(values)]
-    elif name in _INLINED or name in _REMAT:
-      sub = eqn.params.get('jaxpr', eqn.params.get('call_jaxpr'))
-      sub_jaxpr = getattr(sub, 'jaxpr', sub)
-      outs = _analyse_jaxpr(sub_jaxpr, values, analysis, leaf_shapes,
-                            context)
-      active |= id(sub_jaxpr) in analysis.active
-    elif name == 'scan':
-      p = eqn.params
-      n_consts, n_carry = p['num_consts'], p['num_carry']
-      inner = [
-          _derived([v], 'sliced by an outer scan and used in an inner one')
-          if v.sliced else v for v in values[:n_consts]]
-      inner += [_derived([v]) for v in values[n_consts:n_consts + n_carry]]
-      inner += [_slice(v) for v in values[n_consts + n_carry:]]
-      sub_jaxpr = p['jaxpr'].jaxpr
-      _analyse_jaxpr(sub_jaxpr, inner, analysis, leaf_shapes, context)
-      active |= id(sub_jaxpr) in analysis.active
-      outs = [_derived(values)] * len(eqn.outvars)
-    else:
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        sub_jaxpr = getattr(sub, 'jaxpr', sub)
-        n = len(sub_jaxpr.invars)
-        # Operands passed one to one (cond: after the branch index), so that
-        # kernels inside are recognised, and reported.
-        if n == len(values):
-          sub_in = list(values)
-        elif n == len(values) - 1 and name == 'cond':
-          sub_in = list(values[1:])
-        else:
-          sub_in = [_derived(values)] * n
-        _analyse_jaxpr(sub_jaxpr, sub_in, analysis, leaf_shapes,
-                       context or f'a {name}')
-    if counted:
-      for leaf in {v.leaf for v in values if v.leaf is not None}:
-        analysis.uses[leaf] = analysis.uses.get(leaf, 0) + 1
-    if outs is None and name in _INDEXING and values[0].leaf is not None:
-      outs = [_derived(values, _INDEXED)] * len(eqn.outvars)
-    if outs is None:
-      outs = [_derived(values)] * len(eqn.outvars)
-    for v, value in zip(eqn.outvars, outs):
-      env[v] = value
-  uses = _uses(jaxpr)
-  for index, site in pending:
-    site.bias = _find_bias(jaxpr, index, site, env, uses, leaf_shapes)
-  if active:
-    analysis.active.add(id(jaxpr))
-  return [read(v) for v in jaxpr.outvars]
+from bnp_optax._src import tracing_analysis as analysis_lib
 
 
 def _is_array(x) -> bool:
@@ -507,9 +46,8 @@ class _Traced:
   out_tree: Any
   names: list[str]  # path of each dynamic parameter leaf
   all_names: list[str]  # path of every parameter leaf
-  shapes: list[tuple[int, ...]]
   dynamic: list  # the dynamic parameter and argument leaves, in order
-  analysis: _Analysis
+  analysis: analysis_lib.Analysis
   layers: dict[int, layers_lib.LeafLayer]
 
 
@@ -537,71 +75,26 @@ def _trace(fn: Callable, params, args, kwargs) -> _Traced:
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
       p_values, a_values)
   names = [all_names[i] for i in p_dyn]
-  shapes = [tuple(v.shape) for v in p_values]
-  analysis = _Analysis(len(p_values))
-  in_values = [_Value(frozenset({i}), leaf=i, axes=tuple(range(len(s))))
-               for i, s in enumerate(shapes)]
-  in_values += [_DATA] * len(a_values)
-  _analyse_jaxpr(closed.jaxpr, in_values, analysis, shapes, None)
-  layers = _layers(analysis, shapes, names)
+  analysis = analysis_lib.analyse(
+      closed.jaxpr, [tuple(v.shape) for v in p_values], len(a_values))
+  layers = {
+      leaf: layers_lib.LeafLayer(
+          found.spec, None if found.bias is None else names[found.bias])
+      for leaf, found in analysis.layers.items()}
   return _Traced(closed, jax.tree.structure(out_shape), names, all_names,
-                 shapes, p_values + a_values, analysis, layers)
+                 p_values + a_values, analysis, layers)
 
 
-def _layers(analysis: _Analysis, shapes, names) -> dict[int,
-                                                        layers_lib.LeafLayer]:
-  """One :class:`LeafLayer` per kernel leaf, its sites agreeing."""
-  by_leaf: dict[int, list[_Site]] = {}
-  for site in analysis.sites.values():
-    by_leaf.setdefault(site.leaf, []).append(site)
-  kernels = set(by_leaf)
-  layers = {}
-  for leaf, sites in by_leaf.items():
-    if leaf in analysis.reasons:
-      continue
-    specs = {s.spec for s in sites}
-    if len(specs) > 1:
-      analysis.reject({leaf}, f'used by layers of different layouts {specs}')
-      continue
-    if analysis.uses.get(leaf, 0) > len(sites):
-      # e.g. an embedding table that is also the output layer's kernel: its
-      # gradient is not a layer's alone, so BNP's change of variables for
-      # that layer would also act on the other use's gradient.
-      analysis.reject({leaf}, 'also used outside its dense/conv layers (e.g. '
-                      'as an embedding table or an elementwise operand)')
-      continue
-    biases = {s.bias for s in sites}
-    bias = biases.pop() if len(biases) == 1 else None
-    if bias is not None and (
-        bias in kernels or analysis.uses.get(bias, 0) != len(sites)):
-      bias = None  # shared with something else: not this layer's own
-    layers[leaf] = layers_lib.LeafLayer(
-        sites[0].spec, None if bias is None else names[bias])
-  return layers
-
-
-def _merge_stacked(s: statistics.LayerStats) -> statistics.LayerStats:
-  """Merges statistics stacked along axis 0 (one per scan step) exactly."""
-  expand = lambda c: c.reshape(c.shape + (1,) * (s.mean.ndim - 1))
-  total = jnp.sum(s.count)
-  mean = jnp.sum(expand(s.count) * s.mean, axis=0) / total
-  spread = s.variance + jnp.square(s.mean - mean[None])
-  variance = jnp.sum(expand(s.count) * spread, axis=0) / total
-  batch_size = jnp.sum(s.batch_size)
-  positions = jnp.sum(s.batch_size * s.positions) / batch_size
-  return statistics.LayerStats(mean, variance, total, batch_size, positions,
-                               s.spec)
-
-
-def _unstack(s: statistics.LayerStats) -> statistics.LayerStats:
-  """Statistics of a kernel sliced per scan step: one layer per step.
-
-  The stacked axis is the leaf's first independent axis (see the site's
-  spec); the scalars, equal for steps that see inputs of the same size, are
-  averaged, as the linen capture does for ``nn.scan``.
-  """
-  return s.replace(count=jnp.mean(s.count), batch_size=jnp.mean(s.batch_size),
-                   positions=jnp.mean(s.positions))
+def _measure(site: analysis_lib.Site, invals, outvals) -> (
+    statistics.LayerStats):
+  """The statistics of a layer site's input, from the equation's values."""
+  return statistics.input_statistics(
+      invals[site.operand],
+      feature_axes=site.feature_axes,
+      batch_axes=site.batch_axes,
+      positions=math.prod(outvals[0].shape[a] for a in site.out_spatial),
+      spec=site.spec,
+  )
 
 
 def _bind(eqn, invals):
@@ -611,7 +104,7 @@ def _bind(eqn, invals):
   return outs if eqn.primitive.multiple_results else [outs]
 
 
-def _evaluate(jaxpr, consts, args, analysis: _Analysis, layers,
+def _evaluate(jaxpr, consts, args, analysis: analysis_lib.Analysis, layers,
               collected: dict[int, list]) -> list:
   """``eval_jaxpr`` that also takes the statistics at every layer site."""
   env = dict(zip(jaxpr.constvars, consts))
@@ -621,13 +114,13 @@ def _evaluate(jaxpr, consts, args, analysis: _Analysis, layers,
     invals = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
     sub = eqn.params.get('jaxpr', eqn.params.get('call_jaxpr'))
-    sub_jaxpr = getattr(sub, 'jaxpr', sub)
+    sub_jaxpr = analysis_lib.sub_jaxpr(eqn)
     if id(sub_jaxpr) not in analysis.active:
       outs = _bind(eqn, invals)
-    elif name in _INLINED:
+    elif name in analysis_lib.INLINED:
       outs = _evaluate(sub_jaxpr, sub.consts, invals, analysis, layers,
                        collected)
-    elif name in _REMAT:
+    elif name in analysis_lib.REMAT:
       def body(*xs, sub_jaxpr=sub_jaxpr):
         inner = {}
         return _evaluate(sub_jaxpr, (), xs, analysis, layers, inner), inner
@@ -641,7 +134,7 @@ def _evaluate(jaxpr, consts, args, analysis: _Analysis, layers,
     site = analysis.sites.get(id(eqn))
     if site is not None and site.leaf in layers:
       collected.setdefault(site.leaf, []).append(
-          site.statistics(invals, outs))
+          _measure(site, invals, outs))
     for v, value in zip(eqn.outvars, outs):
       if not isinstance(v, jax_core.DropVar):
         env[v] = value
@@ -664,9 +157,14 @@ def _evaluate_scan(eqn, invals, analysis, layers, collected) -> list:
       body, invals[n_consts:n_consts + n_carry],
       invals[n_consts + n_carry:], length=p['length'], reverse=p['reverse'],
       unroll=p['unroll'])
+  # A kernel sliced per step is one layer per step, its site's spec already
+  # stacked; a kernel closed over by the body is one layer at every step.
   for leaf, stats in inner.items():
-    combine = _unstack if leaf in analysis.sliced else _merge_stacked
-    collected.setdefault(leaf, []).extend(combine(s) for s in stats)
+    if leaf in analysis.sliced:
+      combined = [statistics.unstack(s, spec=s.spec) for s in stats]
+    else:
+      combined = [statistics.merge_stacked(s) for s in stats]
+    collected.setdefault(leaf, []).extend(combined)
   return [*carry, *ys]
 
 

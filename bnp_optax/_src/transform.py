@@ -292,9 +292,9 @@ def _absorbed_sum(
   and fan-in axes: XLA:CPU emits a convolution's kernel gradient in
   ``(c_in, *window, c_out)`` order, and the contraction ``c,abcd->d`` made it
   copy that gradient into the kernel's layout and then sum the window in a
-  reduction several times slower than the copy (+47 ms against +3 ms for a
-  3x3x512x512 kernel, ``benchmarks/RESULTS.md``); the fused reduction reads
-  the gradient once, where it lies.
+  reduction several times slower than the copy (the timings are in
+  ``benchmarks/RESULTS.md``, "Timings behind the library's choices"); the
+  fused reduction reads the gradient once, where it lies.
   """
   if not view.spatial:
     letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view.shape)]
@@ -347,8 +347,8 @@ def precondition_layer(
   dtype = running.mean.dtype
   kernel_shape = kernel_grad.shape
   view = layout.kernel_view(spec, kernel_shape)
-  mean = view.statistics(running.mean)
-  variance = view.statistics(running.variance)
+  mean = view.reshape_statistics(running.mean)
+  variance = view.reshape_statistics(running.variance)
   fan_in_dims = tuple(
       range(len(view.independent), len(view.statistics_axes)))
   regularised = regularised_variance(
@@ -448,8 +448,10 @@ def scale_by_bnp(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-    keyword argument ``layer_stats`` (as returned by
-    ``bnp_optax.linen.apply``). Hyperparameters may be traced values, so it
+    keyword argument ``layer_stats``, ``{layer path: LayerStats}`` as
+    ``bnp_optax.linen.apply``, ``bnp_optax.nnx.apply`` and
+    ``bnp_optax.tracing.apply`` return it (a tree of ``LayerStats`` nested
+    by path is accepted too). Hyperparameters may be traced values, so it
     works under ``optax.inject_hyperparams``.
 
   Example:

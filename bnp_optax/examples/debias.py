@@ -25,11 +25,11 @@ from bnp_optax.examples.digits import FullyConnected
 
 
 def _load(dataset: str, data_dir: str | None):
-  from bnp_optax.experiments import _data  # pylint: disable=g-import-not-at-top
+  from bnp_optax import experiments  # pylint: disable=g-import-not-at-top
   if data_dir is None:
-    ds = _data.load_digits()
+    ds = experiments.load_digits()
   else:
-    ds = _data.load(dataset, data_dir)
+    ds = experiments.load_dataset(dataset, data_dir)
   scale = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
   return (scale(ds.x_train), ds.y_train), (scale(ds.x_test), ds.y_test)
 

@@ -23,8 +23,8 @@ import bnp_optax
 
 # The paper's network, loss and data loader, shared with the experiment
 # harness (one definition of each).
-from bnp_optax.experiments._models import cross_entropy
-from bnp_optax.experiments._models import FullyConnected
+from bnp_optax.experiments import cross_entropy
+from bnp_optax.experiments import FullyConnected
 
 __all__ = ['FullyConnected', 'bnp_train_step', 'cross_entropy',
            'load_digits', 'main', 'train']
@@ -36,10 +36,10 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2):
   Returns:
     ``((x_train, y_train), (x_test, y_test))``, images ``(n, 8, 8, 1)``.
   """
-  from bnp_optax.experiments import _data  # pylint: disable=g-import-not-at-top
+  from bnp_optax import experiments  # pylint: disable=g-import-not-at-top
   try:
-    ds = _data.load_digits(test_fraction, seed=seed)
-  except _data.DataError as e:
+    ds = experiments.load_digits(test_fraction, seed=seed)
+  except experiments.DataError as e:
     raise SystemExit(str(e)) from e
   scale = lambda x: x.astype(np.float32) / 255.0
   return (scale(ds.x_train), ds.y_train), (scale(ds.x_test), ds.y_test)

@@ -27,9 +27,17 @@ from bnp_optax.experiments._models import cross_entropy
 from bnp_optax.experiments._models import FullyConnected
 from bnp_optax.experiments._models import make_model
 from bnp_optax.experiments._models import ResNet
-from bnp_optax.experiments._plot import load_results
+from bnp_optax.experiments._plot import conditioning_series
+from bnp_optax.experiments._plot import group_results
 from bnp_optax.experiments._plot import plot
-from bnp_optax.experiments._train import check_result
+from bnp_optax.experiments._plot import plot_conditioning
+from bnp_optax.experiments._plot import sorted_groups
+from bnp_optax.experiments._qscale import q_squared_per_layer
+from bnp_optax.experiments._qscale import step_ratio
+from bnp_optax.experiments._qscale import undo_q_scaling
+from bnp_optax.experiments._results import check_result
+from bnp_optax.experiments._results import load_results
+from bnp_optax.experiments._suites import SUITES
 from bnp_optax.experiments._train import RunConfig
 from bnp_optax.experiments._train import train
 
@@ -44,14 +52,22 @@ __all__ = [
     'Options',
     'ResNet',
     'RunConfig',
+    'SUITES',
     'check_result',
+    'conditioning_series',
     'cross_entropy',
     'default_learning_rate',
+    'group_results',
     'load_dataset',
     'load_digits',
     'load_results',
     'main',
     'make_model',
     'plot',
+    'plot_conditioning',
+    'q_squared_per_layer',
+    'sorted_groups',
+    'step_ratio',
     'train',
+    'undo_q_scaling',
 ]

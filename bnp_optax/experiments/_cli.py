@@ -11,22 +11,22 @@ only its last checkpoint (if it takes them), and the exit status is 130 or
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import sys
 import time
-import uuid
 
 from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
+from bnp_optax.experiments import _deps
+from bnp_optax.experiments import _files
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _plot
+from bnp_optax.experiments import _results
 from bnp_optax.experiments import _suites
 from bnp_optax.experiments import _sweep
 from bnp_optax.experiments import _train
@@ -75,139 +75,6 @@ class _Signals:
   def check(self):
     if self.received:
       raise _train.Interrupted(self.received)
-
-
-_PACKAGES = {'orbax.checkpoint': 'orbax-checkpoint', 'sklearn': 'scikit-learn'}
-
-
-def _check_deps(module: str, purpose: str) -> None:
-  """Names the extra to install when an optional dependency is missing."""
-  try:
-    found = importlib.util.find_spec(module) is not None
-  except (ImportError, ValueError):
-    found = False
-  if not found:
-    raise UsageError(str(_train.MissingDependency(
-        _PACKAGES.get(module, module), purpose)))
-
-
-def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
-  path = path.absolute()
-  while not path.exists() and path != path.parent:
-    path = path.parent
-  return path
-
-
-def _check_writable_dir(path: pathlib.Path, what: str) -> None:
-  """A directory that exists and takes files, or can be created."""
-  if path.exists() and not path.is_dir():
-    raise UsageError(f'{what} {path} is a file, not a directory')
-  base = _nearest_existing(path)
-  if not base.is_dir():
-    raise UsageError(f'{what} {path} cannot be created: {base} is a file')
-  # A probe, not os.access: root passes os.access on read-only mounts.
-  probe = base / f'.bnp-probe-{uuid.uuid4().hex}'
-  try:
-    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise UsageError(f'{what} {path} is not writable: cannot create files '
-                     f'in {base} ({e.strerror})') from None
-  if shutil.disk_usage(base).free < (16 << 20):
-    raise UsageError(f'{what} {path}: the file system of {base} is full')
-
-
-def _check_output_file(path: pathlib.Path, what: str) -> None:
-  if path.is_dir():
-    raise UsageError(f'{what} {path} is a directory, not a file')
-  _check_writable_dir(path.parent, f'the directory of {what}')
-
-
-class _Lock:
-  """An exclusive lock on one run's result, held while it trains."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-    self.held = False
-
-  def acquire(self):
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        owner = self._owner()
-        if owner is None:  # Its process is gone: a stale lock.
-          self.path.unlink(missing_ok=True)
-          continue
-        raise UsageError(
-            f'another process ({owner}) is writing the run of '
-            f'{self.path.name[1:-5]} into {self.path.parent}; wait for it to '
-            f'finish (or remove {self.path} if it is gone)') from None
-      with os.fdopen(fd, 'w') as f:
-        f.write(f'{socket.gethostname()} {os.getpid()}\n')
-      self.held = True
-      return
-    raise UsageError(f'cannot take the lock {self.path}')
-
-  def _owner(self):
-    try:
-      host, pid = self.path.read_text().split()
-      pid = int(pid)
-    except (OSError, ValueError):
-      return 'unknown process'  # Being written right now, or not ours.
-    if host != socket.gethostname():
-      return f'pid {pid} on {host}'
-    try:
-      os.kill(pid, 0)
-    except ProcessLookupError:
-      return None
-    except PermissionError:
-      pass
-    return f'pid {pid}'
-
-  def release(self):
-    if self.held:
-      self.path.unlink(missing_ok=True)
-      self.held = False
-
-
-class ResultExists(Exception):
-  """The result appeared while this run trained (another writer)."""
-
-
-def write_json(path: pathlib.Path, result: dict, *, replace: bool) -> None:
-  """Writes ``result`` atomically, and exclusively unless ``replace``.
-
-  The JSON goes to a temporary file in the same directory, created with
-  mode 0666 less the umask, then becomes ``path`` in one step: a hard link
-  that fails if ``path`` exists (or a rename with ``replace``), so readers
-  never see half a file and no existing result is replaced silently.
-
-  Args:
-    path: the result file.
-    result: the JSON object.
-    replace: replace an existing ``path``.
-
-  Raises:
-    ResultExists: ``path`` exists and ``replace`` is false.
-  """
-  tmp = path.parent / f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp'
-  fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(result, f, indent=1, allow_nan=False)
-      f.flush()
-      os.fsync(f.fileno())
-    if replace:
-      os.replace(tmp, path)
-    else:
-      try:
-        os.link(tmp, path)
-      except FileExistsError:
-        raise ResultExists(str(path)) from None
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -279,7 +146,7 @@ def _execute(configs, grids, options, out_dir, *, signals, plot_path,
   if grids is not None:
     summary_path = pathlib.Path(sweep_summary) if sweep_summary else None
     if summary_path is not None:
-      _check_output_file(summary_path, '--sweep-summary')
+      _files.check_output_file(summary_path, '--sweep-summary')
   results = execute(configs, options, out_dir, signals=signals,
                     plot_path=plot_path, title=title)
   if grids is None:
@@ -290,7 +157,7 @@ def _execute(configs, grids, options, out_dir, *, signals, plot_path,
     raise UsageError(str(e)) from None
   if summary_path is None:
     summary_path = out_dir / f'{_sweep.summary_name(summary)}.json'
-  write_json(summary_path, summary, replace=True)
+  _files.write_json(summary_path, summary, replace=True)
   print()
   print(_sweep.format_table(summary))
   print(f'sweep summary: {summary_path}')
@@ -308,7 +175,7 @@ def _options(args) -> _config.Options:
 
 def _wants_checkpoints(config, options) -> bool:
   if options.checkpoint == 'auto':
-    return not config.model.startswith('fc')
+    return _models.MODELS[config.model].checkpoints
   return options.checkpoint == 'always'
 
 
@@ -321,21 +188,21 @@ def _plan(configs, options, out_dir: pathlib.Path, plot_path):
                      'method?)')
   if len({c.dataset for c in configs}) != 1:
     raise UsageError('one dataset per command')
-  _check_writable_dir(out_dir, '--out')
+  _files.check_writable_dir(out_dir, '--out')
   if plot_path is not None:
-    _check_output_file(pathlib.Path(plot_path), '--plot')
-    _check_deps('matplotlib', 'the figure (--plot, plot)')
+    _files.check_output_file(pathlib.Path(plot_path), '--plot')
+    _deps.require('matplotlib', 'the figure (--plot, plot)')
   if configs[0].dataset == 'digits':
-    _check_deps('sklearn', "the offline 'digits' dataset")
+    _deps.require('sklearn', "the offline 'digits' dataset")
   if options.progress and sys.stdout.isatty():
-    _check_deps('tqdm', 'the progress bar (or pass --no-progress)')
+    _deps.require('tqdm', 'the progress bar (or pass --no-progress)')
   planned = []
   for config, name in zip(configs, names):
     path = out_dir / f'{name}.json'
     ckpt = (out_dir / '.checkpoints' / name
             if _wants_checkpoints(config, options) else None)
     if ckpt is not None:
-      _check_deps('orbax.checkpoint', 'checkpointing (or pass '
+      _deps.require('orbax.checkpoint', 'checkpointing (or pass '
                   '--checkpoint never)')
     action = 'train'
     if path.exists():
@@ -364,9 +231,7 @@ def _plan(configs, options, out_dir: pathlib.Path, plot_path):
 
 def _check_same_config(path, config):
   try:
-    with open(path) as f:
-      stored = json.load(f)
-    _train.check_result(stored)
+    stored = _results.read_result(path)
   except (OSError, ValueError) as e:
     raise UsageError(f'{path}: not a readable run result ({e}); pass '
                      '--overwrite to replace it') from None
@@ -410,13 +275,13 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
   first = prepared[_data_key(configs[0])]
   created = not out_dir.exists()
   out_dir.mkdir(parents=True, exist_ok=True)
-  locks = [_Lock(out_dir / f'.{p.path.stem}.lock') for p in planned
+  locks = [_files.Lock(out_dir / f'.{p.path.stem}.lock') for p in planned
            if p.action != 'keep']
   try:
     try:
       for lock in locks:
         lock.acquire()
-    except UsageError:
+    except _files.FileError:
       for lock in locks:
         lock.release()
       if created:
@@ -453,8 +318,8 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
             f'{t["step_us_per_step"]:.0f}us; eval {t["eval_s"]:.1f}s)',
             flush=True)
       try:
-        write_json(p.path, result, replace=p.action == 'replace')
-      except ResultExists:
+        _files.write_json(p.path, result, replace=p.action == 'replace')
+      except _files.ResultExists:
         raise UsageError(
             f'{p.path} was written by another process meanwhile; it was '
             "kept and this run's result discarded") from None
@@ -520,10 +385,10 @@ def _cmd_suite(args, signals):
 
 def _cmd_plot(args, signals):
   del signals
-  _check_output_file(pathlib.Path(args.output), '-o/--output')
-  _check_deps('matplotlib', 'plot')
+  _files.check_output_file(pathlib.Path(args.output), '-o/--output')
+  _deps.require('matplotlib', 'plot')
   try:
-    results = _plot.load_results(args.paths)
+    results = _results.load_results(args.paths)
     table = _plot.summary_table(results)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from None
@@ -647,10 +512,7 @@ def main(argv=None) -> int:
   try:
     with _Signals() as signals:
       args.func(args, signals)
-  except UsageError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except _train.MissingDependency as e:
+  except (UsageError, _files.FileError, _deps.MissingDependency) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except _train.Interrupted as e:

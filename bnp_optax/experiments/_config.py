@@ -27,7 +27,6 @@ from bnp_optax.experiments import _modern
 from bnp_optax.experiments import _normfree
 from bnp_optax.experiments import _qscale
 
-OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw', 'muon', 'kfac')
 # Bumped when a field is added or its meaning changes: results of another
 # identity version are not comparable and are never mixed.
 IDENTITY_VERSION = 2
@@ -87,7 +86,7 @@ class RunConfig:
   Each field's help text is in its metadata (``--help`` shows it).
   """
 
-  model: str = _field('fc', 'network', choices=_models.MODELS)
+  model: str = _field('fc', 'network', choices=tuple(_models.MODELS))
   dataset: str = _field('digits', 'dataset (digits: offline, bundled with '
                         'scikit-learn)', choices=_data.DATASETS)
   method: str = _field('bnp', 'methods to compare, comma-separated',
@@ -103,7 +102,8 @@ class RunConfig:
       'and 3, see `list`)', check=_positive, flag='--lr')
   optimizer: str | None = _field(
       None, "base optimizer after BNP; none: the method's (adam for bn4, "
-      'sgd for the others, as the paper)', choices=OPTIMIZERS)
+      'sgd for the others, as the paper)',
+      choices=tuple(_methods.OPTIMIZERS))
   momentum: float = _field(0.9, 'momentum of the momentum optimizer',
                            check=_unit_interval)
   weight_decay: float = _field(0.0, 'L2 weight decay added to the gradient '
@@ -481,7 +481,8 @@ def check(config) -> None:
     if config.budget_evals != 10 and config.budget is None:
       raise ValueError('--budget-evals needs --budget')
     if config.conditioning_every and not (
-        _methods.METHODS[config.method].bnp and config.model.startswith('fc')):
+        _methods.METHODS[config.method].bnp
+        and _models.MODELS[config.model].conditioning):
       raise ValueError('--conditioning-every needs a BNP method and an fc '
                        f'model, got {config.method} on {config.model}')
   if isinstance(config, Options) and config.overwrite and config.skip_existing:

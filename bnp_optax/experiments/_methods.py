@@ -1,7 +1,18 @@
-"""Methods compared in the paper and their learning rates (Tables 2 and 3)."""
+"""The methods compared, their base optimizers and the paper's rates.
 
+:data:`METHODS` is the method table and :data:`OPTIMIZERS` the table of
+base optimizers; :data:`LEARNING_RATES` holds the paper's Tables 2 and 3.
+"""
+
+from collections.abc import Callable
 import dataclasses
 import math
+from typing import Any
+
+import optax
+
+from bnp_optax.experiments import _models
+from bnp_optax.experiments import _modern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,11 +23,15 @@ class Method:
     name: the name used on the command line and in results.
     label: the name used in figures.
     norm: the model's normalisation, see ``_models.NORMS``.
-    bnp: precondition the gradients with BNP.
-    optimizer: the base optimizer when the run gives none (``RunConfig``'s
-      ``optimizer=None``): the paper's, SGD except for BN with 4 Things,
-      which it trains with Adam (Section 5.2, Appendix B); AdamW, Muon or
-      K-FAC for the comparison's optimisers (``_modern.py``).
+    bnp: precondition the gradients with BNP (the model's statistics are
+      captured in the training step and passed to the optimizer).
+    optimizer: the base optimizer (a key of :data:`OPTIMIZERS`) when the
+      run gives none (``RunConfig``'s ``optimizer=None``): the paper's, SGD
+      except for BN with 4 Things, which it trains with Adam (Section 5.2,
+      Appendix B).
+    rate_from: the method whose rate in the paper's tables this one takes
+      where the tables have none for it (see :func:`default_learning_rate`).
+    colour: its colour in figures; None: the next of a cycle.
     arch: another architecture of the model (``_normfree.py``): ``'gn_ws'``
       (GroupNorm + Weight Standardization) or ``'nf'`` (normaliser-free);
       None: the model as the paper builds it, with ``norm``.
@@ -32,33 +47,74 @@ class Method:
   norm: str
   bnp: bool
   optimizer: str = 'sgd'
+  rate_from: str | None = None
+  colour: str | None = None
   arch: str | None = None
   bnp_variant: str = 'full'
   clip: str | None = None
 
+  @property
+  def conv_bias(self) -> bool:
+    """Whether the ResNets' convolutions get a bias.
 
+    Yes for BNP (which centres with it), without a normalisation and with
+    LN; BN and GN follow each convolution with their own offset.
+    """
+    return self.bnp or self.norm in ('none', 'ln')
+
+
+# The method table. Adding a method is one entry here (and, for a new base
+# optimizer, one in OPTIMIZERS below); the CLI, the run identity's choices,
+# `list`, the figures' labels and the training step read this table.
 METHODS = {
     m.name: m for m in (
-        Method('vanilla', 'Vanilla', 'none', False),
-        Method('bn', 'BN', 'bn', False),
-        Method('renorm', 'BN Renorm', 'renorm', False),
-        Method('ln', 'LN', 'ln', False),
-        Method('gn', 'GN', 'gn', False),
-        Method('bnp', 'BNP', 'none', True),
-        Method('bnp_gn', 'BNP+GN', 'gn', True),
+        Method('vanilla', 'Vanilla', 'none', False, colour='#1f77b4'),
+        Method('bn', 'BN', 'bn', False, colour='#d62728'),
+        Method('renorm', 'BN Renorm', 'renorm', False, rate_from='bn',
+               colour='#9467bd'),
+        Method('ln', 'LN', 'ln', False, rate_from='bn', colour='#2ca02c'),
+        Method('gn', 'GN', 'gn', False, rate_from='bn', colour='#8c564b'),
+        Method('bnp', 'BNP', 'none', True, colour='#ff7f0e'),
+        Method('bnp_gn', 'BNP+GN', 'gn', True, colour='#e377c2'),
         # Summers and Dinneen (2020), see _bn4.py.
-        Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam'),
+        Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam',
+               colour='#17becf'),
         # Today's methods (docs/comparison.md, _modern.py, _normfree.py).
-        Method('adamw', 'AdamW', 'none', False, optimizer='adamw'),
-        Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw'),
+        Method('adamw', 'AdamW', 'none', False, optimizer='adamw',
+               colour='#7f7f7f'),
+        Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw',
+               colour='#bcbd22'),
         Method('centring_adamw', 'BNP centring+AdamW', 'none', True,
-               optimizer='adamw', bnp_variant='centring'),
-        Method('muon', 'Muon', 'none', False, optimizer='muon'),
+               optimizer='adamw', bnp_variant='centring', colour='#aec7e8'),
+        Method('muon', 'Muon', 'none', False, optimizer='muon',
+               colour='#000000'),
         Method('kfac', 'K-FAC', 'none', False, optimizer='kfac'),
-        Method('gn_ws', 'GN+WS', 'gn', False, arch='gn_ws'),
-        Method('nf_agc', 'NF+AGC', 'none', False, arch='nf', clip='agc'),
+        Method('gn_ws', 'GN+WS', 'gn', False, rate_from='bn', arch='gn_ws',
+               colour='#c49c94'),
+        Method('nf_agc', 'NF+AGC', 'none', False, arch='nf', clip='agc',
+               colour='#98df8a'),
     )
 }
+
+# The base optimizers: ``build(learning_rate, config)`` with the rate a
+# float or an optax schedule and ``config`` the run's ``RunConfig`` (for
+# its fields, e.g. ``momentum``). A run chains [weight decay], [BNP], then
+# this (see ``_train.make_optimizer``).
+OPTIMIZERS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
+    'sgd': lambda learning_rate, config: optax.sgd(learning_rate),
+    'momentum': lambda learning_rate, config: optax.sgd(
+        learning_rate, momentum=config.momentum),
+    'adam': lambda learning_rate, config: optax.adam(learning_rate),
+    # The comparison's (_modern.py): the run's weight_decay is their
+    # decoupled decay, not an L2 term (see _train.make_optimizer).
+    'adamw': lambda learning_rate, config: optax.adamw(
+        learning_rate, weight_decay=config.weight_decay),
+    'muon': lambda learning_rate, config: _modern.muon(
+        learning_rate, config.weight_decay),
+    'kfac': lambda learning_rate, config: _modern.kfac(),
+}
+# Base optimizers that take the run's weight decay themselves (decoupled).
+DECOUPLED_WEIGHT_DECAY = ('adamw', 'muon')
 
 # The paper's best learning rates, keyed (model, dataset, batch size).
 # Table 2 (fully connected network, SGD) and Table 3 (CNNs; bn4 with Adam).
@@ -81,9 +137,6 @@ LEARNING_RATES = {
 }
 FALLBACK_LEARNING_RATE = 1e-2
 
-_TABLE = {'fc': 'Table 2', 'cnn5': 'Table 3', 'resnet110': 'Table 3',
-          'preact_resnet110': 'Table 3', 'resnet18': 'Table 3'}
-
 
 def default_learning_rate(model: str, dataset: str, batch_size: int,
                           method: str) -> tuple[float, str]:
@@ -92,8 +145,9 @@ def default_learning_rate(model: str, dataset: str, batch_size: int,
   The paper's tables give a rate for some (model, dataset, batch size,
   method) only. The rule: among the same model's entries that have the
   method, the nearest batch size (in log scale) first, then the same
-  dataset, then MNIST (for ``digits``), then CIFAR-10; for Batch Renorm, LN
-  and GN without any entry, BN's rate chosen the same way; finally
+  dataset, then MNIST (for ``digits``), then CIFAR-10; for a method
+  without any entry, the rate of its ``rate_from`` method chosen the same
+  way (BN's for Batch Renorm, LN and GN); finally
   :data:`FALLBACK_LEARNING_RATE` (so for BN with 4 Things, trained with
   Adam, outside the 5-layer CNN: never BN's SGD rate).
 
@@ -114,7 +168,8 @@ def default_learning_rate(model: str, dataset: str, batch_size: int,
       d for d in ('mnist', 'cifar10', 'cifar100', 'imagenet')
       if d != dataset]
   rows = [(k, v) for k, v in LEARNING_RATES.items() if k[0] == model]
-  table = _TABLE.get(model, 'tables')
+  known = _models.MODELS.get(model)
+  table = (known and known.paper_table) or 'tables'
 
   def distance(key):
     _, d, bs = key
@@ -123,14 +178,15 @@ def default_learning_rate(model: str, dataset: str, batch_size: int,
     return (round(abs(math.log(bs) - math.log(max(batch_size, 1))), 6),
             rank, bs)
 
-  for name in (method,) + (('bn',) if method in ('renorm', 'ln', 'gn')
-                           else ()):
+  rate_from = METHODS[method].rate_from if method in METHODS else None
+  for name in (method,) + ((rate_from,) if rate_from else ()):
     candidates = [(k, v) for k, v in rows if name in v]
     if candidates:
       (m, d, bs), lrs = min(candidates, key=lambda kv: distance(kv[0]))
       note = f'{table}: {m}, {d}, batch size {bs}'
       if name != method:
-        note += f', BN rate (the paper has none for {method})'
+        note += (f', {METHODS[name].label} rate (the paper has none for '
+                 f'{method})')
       elif (d, bs) != (dataset, batch_size):
         note += ' (nearest entry)'
       return lrs[name], note

@@ -39,6 +39,7 @@ ResNets use He-normal weights (scaled by ``init_scale``) and GroupNorm with
 """
 
 from collections.abc import Callable
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -290,8 +291,102 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=_glorot, bias_init=_zeros)(x)
 
 
-MODELS = ('fc', 'fc2', 'cnn5', 'flax_mnist_cnn', 'resnet110',
-          'preact_resnet110', 'resnet18')
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """Options of :func:`make_model` that some builders read.
+
+  Attributes:
+    init_scale: factor on the ResNets' He-normal initialisation.
+    conv_bias: give the ResNets' convolutions a bias.
+    resnet_blocks: blocks per stage of the CIFAR ResNets instead of 18.
+    bn4: settings of the ``'bn4'`` layers.
+  """
+
+  init_scale: float = 1.0
+  conv_bias: bool = False
+  resnet_blocks: int | None = None
+  bn4: _bn4.BN4Settings | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One entry of the model table :data:`MODELS`.
+
+  Attributes:
+    name: the name on the command line and in results.
+    build: ``build(norm, num_classes, options)`` returns the linen module,
+      ``options`` a :class:`ModelOptions`.
+    convolutional: has convolutions. XLA's CPU backend runs a convolution
+      inside a while loop (the scan of several steps per call) about 9x
+      slower than outside one: cnn5 at batch 128 took 2.9 s per step in a
+      scan of 8 and 0.33 s with one step per call (2026-11-26, 2 CPU
+      cores), so such a model trains one step per call on CPU.
+    checkpoints: ``--checkpoint auto`` saves checkpoints of its runs (the
+      long ones).
+    conditioning: Figure 8's diagnostics apply: a fully connected network
+      whose ``hidden`` attribute lists its hidden layers, the output layer
+      named ``Dense_{len(hidden)}``.
+    paper_table: the paper's table of learning rates for it, if any.
+  """
+
+  name: str
+  build: Callable[[str, int, ModelOptions], nn.Module]
+  convolutional: bool
+  checkpoints: bool
+  conditioning: bool = False
+  paper_table: str | None = None
+
+
+def _fc(norm, num_classes, o):
+  return FullyConnected(norm=norm, num_classes=num_classes, bn4=o.bn4)
+
+
+def _fc2(norm, num_classes, o):
+  return FullyConnected(norm=norm, num_classes=num_classes,
+                        hidden=(100, 100), bn4=o.bn4)
+
+
+def _cnn5(norm, num_classes, o):
+  return CNN5(norm=norm, num_classes=num_classes, bn4=o.bn4)
+
+
+def _flax_mnist_cnn(norm, num_classes, o):
+  return FlaxMnistCNN(norm=norm, num_classes=num_classes, bn4=o.bn4)
+
+
+def _cifar_resnet(norm, num_classes, o, *, preact):
+  n = 18 if o.resnet_blocks is None else o.resnet_blocks
+  return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(n, n, n),
+                preact=preact, init_scale=o.init_scale,
+                conv_bias=o.conv_bias, bn4=o.bn4)
+
+
+def _resnet18(norm, num_classes, o):
+  return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(2, 2, 2, 2),
+                stage_filters=(64, 128, 256, 512), imagenet_stem=True,
+                init_scale=o.init_scale, conv_bias=o.conv_bias, gn_groups=32,
+                bn4=o.bn4)
+
+
+# The model table. Adding a model: its linen module and builder above, one
+# entry here; the CLI, the run identity's choices, `list`, the steps per
+# call, checkpointing and the paper's rate lookup all read this table.
+MODELS = {m.name: m for m in (
+    Model('fc', _fc, convolutional=False, checkpoints=False,
+          conditioning=True, paper_table='Table 2'),
+    Model('fc2', _fc2, convolutional=False, checkpoints=False,
+          conditioning=True),
+    Model('cnn5', _cnn5, convolutional=True, checkpoints=True,
+          paper_table='Table 3'),
+    Model('flax_mnist_cnn', _flax_mnist_cnn, convolutional=True,
+          checkpoints=True),
+    Model('resnet110', functools.partial(_cifar_resnet, preact=False),
+          convolutional=True, checkpoints=True, paper_table='Table 3'),
+    Model('preact_resnet110', functools.partial(_cifar_resnet, preact=True),
+          convolutional=True, checkpoints=True, paper_table='Table 3'),
+    Model('resnet18', _resnet18, convolutional=True, checkpoints=True,
+          paper_table='Table 3'),
+)}
 
 
 def make_model(name: str, norm: str, num_classes: int, *,
@@ -316,23 +411,9 @@ def make_model(name: str, norm: str, num_classes: int, *,
   """
   if norm not in NORMS:
     raise ValueError(f'unknown normalisation {norm!r}; expected one of {NORMS}')
-  if name == 'fc':
-    return FullyConnected(norm=norm, num_classes=num_classes, bn4=bn4)
-  if name == 'fc2':
-    return FullyConnected(norm=norm, num_classes=num_classes,
-                          hidden=(100, 100), bn4=bn4)
-  if name == 'cnn5':
-    return CNN5(norm=norm, num_classes=num_classes, bn4=bn4)
-  if name == 'flax_mnist_cnn':
-    return FlaxMnistCNN(norm=norm, num_classes=num_classes, bn4=bn4)
-  if name in ('resnet110', 'preact_resnet110'):
-    n = 18 if resnet_blocks is None else resnet_blocks
-    return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(n, n, n),
-                  preact=name.startswith('preact'), init_scale=init_scale,
-                  conv_bias=conv_bias, bn4=bn4)
-  if name == 'resnet18':
-    return ResNet(norm=norm, num_classes=num_classes, stage_sizes=(2, 2, 2, 2),
-                  stage_filters=(64, 128, 256, 512), imagenet_stem=True,
-                  init_scale=init_scale, conv_bias=conv_bias, gn_groups=32,
-                  bn4=bn4)
-  raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; expected one of '
+                     f'{tuple(MODELS)}')
+  return MODELS[name].build(norm, num_classes, ModelOptions(
+      init_scale=init_scale, conv_bias=conv_bias,
+      resnet_blocks=resnet_blocks, bn4=bn4))

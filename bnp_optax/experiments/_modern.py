@@ -165,3 +165,17 @@ def kfac_available() -> str | None:
             'fails to import with jax >= 0.5: jax.interpreters.xla has no '
             'pytype_aval_mappings any more')
   return None
+
+
+def kfac() -> optax.GradientTransformation:
+  """kfac-jax's preconditioner; raises ValueError naming why it cannot run.
+
+  Raises:
+    ValueError: always where kfac-jax does not import (see
+      :func:`kfac_available`); where it does, its training step (loss
+      registration, the preconditioner's state in the training state) is
+      not wired into the harness yet.
+  """
+  why = kfac_available() or ('kfac-jax imports, but its training step is '
+                             'not wired into the harness')
+  raise ValueError(f'K-FAC: {why}')

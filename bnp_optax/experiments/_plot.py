@@ -17,14 +17,9 @@ import pathlib
 import numpy as np
 
 from bnp_optax.experiments import _config
+from bnp_optax.experiments import _deps
 from bnp_optax.experiments import _methods
-from bnp_optax.experiments import _train
 
-_COLOURS = {
-    'vanilla': '#1f77b4', 'bn': '#d62728', 'renorm': '#9467bd',
-    'ln': '#2ca02c', 'gn': '#8c564b', 'bnp': '#ff7f0e', 'bnp_gn': '#e377c2',
-    'bn4': '#17becf',
-}
 _CYCLE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b',
           '#e377c2', '#7f7f7f', '#bcbd22', '#17becf')
 # Fields shown as the panel (model, dataset, batch size), the curve
@@ -33,52 +28,6 @@ _NOT_IN_LEGEND = ('model', 'dataset', 'batch_size', 'method', 'seed',
                   'identity_version')
 _SHORT = {'learning_rate': 'lr', 'train_subset': 'n_train',
           'test_subset': 'n_test', 'weight_decay': 'wd'}
-
-
-def load_results(paths) -> list[dict]:
-  """Reads run JSONs from files and directories (searched recursively).
-
-  Hidden files and directories (temporary files, checkpoints) are skipped,
-  and so are JSON files that are not run results.
-
-  Raises:
-    FileNotFoundError: a path does not exist.
-    ValueError: no run results, a result of an older schema, or a result
-      that breaks the schema.
-  """
-  files = []
-  for p in paths:
-    p = pathlib.Path(p)
-    if p.is_dir():
-      files += sorted(
-          f for f in p.rglob('*.json')
-          if not any(part.startswith('.') for part in f.relative_to(p).parts))
-    elif p.is_file():
-      files.append(p)
-    else:
-      raise FileNotFoundError(f'no such file or directory: {p}')
-  results = []
-  for f in files:
-    with open(f) as fh:
-      try:
-        result = json.load(fh)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{f}: not JSON ({e})') from e
-    schema = result.get('schema', '') if isinstance(result, dict) else ''
-    if schema == _train.SCHEMA:
-      try:
-        _train.check_result(result)
-      except ValueError as e:
-        raise ValueError(f'{f}: {e}') from e
-      result['_path'] = str(f)
-      results.append(result)
-    elif schema.startswith('bnp_optax.experiments.run/'):
-      raise ValueError(
-          f'{f}: schema {schema!r} of an older version, whose runs lack '
-          f'their full configuration; rerun it ({_train.SCHEMA})')
-  if not results:
-    raise ValueError(f'no run results ({_train.SCHEMA}) in {list(paths)}')
-  return results
 
 
 def _series(runs, key):
@@ -149,7 +98,16 @@ def _describe(run, fields) -> str:
   return ', '.join(parts)
 
 
-def _sorted_groups(groups):
+def sorted_groups(groups):
+  """The configurations of one panel in the order of figures and tables.
+
+  Args:
+    groups: ``{config hash: [runs]}``, one panel of :func:`group_results`.
+
+  Returns:
+    ``[(config hash, runs)]`` in the order of the method table, then by
+    configuration.
+  """
   order = list(_methods.METHODS)
 
   def key(item):
@@ -181,7 +139,7 @@ def plot(results, output, *, title: str | None = None,
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise _train.MissingDependency('matplotlib', 'plotting') from e
+    raise _deps.MissingDependency('matplotlib', 'plotting') from e
   matplotlib.use('Agg')
   # pylint: disable=g-import-not-at-top
   import matplotlib.lines
@@ -201,9 +159,10 @@ def plot(results, output, *, title: str | None = None,
     acc_range = []  # Accuracies after epoch 0, to zoom the axis on them.
     x_all = []
     handles = []
-    for i, (_, runs) in enumerate(_sorted_groups(groups)):
+    for i, (_, runs) in enumerate(sorted_groups(groups)):
       config = runs[0]['config']
-      colour = (_COLOURS.get(config['method'], _CYCLE[i % len(_CYCLE)])
+      method = _methods.METHODS.get(config['method'])
+      colour = ((method and method.colour) or _CYCLE[i % len(_CYCLE)]
                 if by_method else _CYCLE[i % len(_CYCLE)])
       label = config.get('method_label', config['method'])
       extra = _describe(runs[0], fields)
@@ -291,7 +250,7 @@ def summary_table(results) -> str:
            'test acc (mean, min-max)', 'time/run', 'config')]
   for (model, dataset, bs), groups in sorted(group_results(results).items()):
     fields = _differing(groups)
-    for group, runs in _sorted_groups(groups):
+    for group, runs in sorted_groups(groups):
       losses = [r['final']['train_loss'] for r in runs]
       losses = [np.nan if v is None else v for v in losses]
       accs = 100 * np.array([r['final']['test_accuracy'] for r in runs])
@@ -365,7 +324,7 @@ def plot_conditioning(result, output) -> pathlib.Path:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise _train.MissingDependency('matplotlib', 'plotting') from e
+    raise _deps.MissingDependency('matplotlib', 'plotting') from e
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   s = conditioning_series(result)

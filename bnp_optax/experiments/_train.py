@@ -14,12 +14,9 @@ import datetime
 import json
 import math
 import pathlib
-import platform
-import sys
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,14 +27,14 @@ from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _config
 from bnp_optax.experiments import _cost
 from bnp_optax.experiments import _data
+from bnp_optax.experiments import _deps
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _modern
 from bnp_optax.experiments import _normfree
 from bnp_optax.experiments import _qscale
+from bnp_optax.experiments import _results
 
-SCHEMA = 'bnp_optax.experiments.run/2'
-OPTIMIZERS = _config.OPTIMIZERS
 RunConfig = _config.RunConfig
 
 
@@ -47,11 +44,6 @@ class Interrupted(Exception):
   def __init__(self, signum: int):
     super().__init__(f'interrupted by signal {signum}')
     self.signum = signum
-
-
-def validate(config: RunConfig) -> None:
-  """Raises ValueError for a configuration that cannot run."""
-  _config.check(config)
 
 
 def prepare_data(config: RunConfig, ds: _data.Dataset) -> _data.Dataset:
@@ -122,22 +114,10 @@ def make_optimizer(config: RunConfig, lr: float,
   so Adam rescales it with the rest of the gradient.
   """
   schedule = _schedule(config, lr, steps_per_epoch)
-  optimizer = config.resolved_optimizer()
   method = _methods.METHODS[config.method]
   # AdamW and Muon take the weight decay decoupled; the others as L2.
-  decoupled = optimizer in ('adamw', 'muon')
-  if optimizer == 'adam':
-    base = optax.adam(schedule)
-  elif optimizer == 'adamw':
-    base = optax.adamw(schedule, weight_decay=config.weight_decay)
-  elif optimizer == 'muon':
-    base = _modern.muon(schedule, config.weight_decay)
-  elif optimizer == 'kfac':
-    raise ValueError(f'K-FAC: {_modern.kfac_available() or "not wired"}')
-  elif optimizer == 'momentum':
-    base = optax.sgd(schedule, momentum=config.momentum)
-  else:
-    base = optax.sgd(schedule)
+  decoupled = config.resolved_optimizer() in _methods.DECOUPLED_WEIGHT_DECAY
+  base = _methods.OPTIMIZERS[config.resolved_optimizer()](schedule, config)
   parts = []
   if method.clip == 'agc':
     parts.append(_modern.agc())
@@ -165,7 +145,7 @@ def make_model(config: RunConfig, num_classes: int):
                                 resnet_blocks=config.resnet_blocks)
   return _models.make_model(
       config.model, method.norm, num_classes, init_scale=config.init_scale,
-      conv_bias=method.bnp or method.norm in ('none', 'ln'),
+      conv_bias=method.conv_bias,
       resnet_blocks=config.resnet_blocks, bn4=config.bn4_settings())
 
 
@@ -231,11 +211,9 @@ class Trainer:
       x = _augment(aug_key, x)
     (loss, (model_state, layer_stats)), grads = jax.value_and_grad(
         self._loss, has_aux=True)(params, model_state, x, y)
-    if self.method.bnp:
-      updates, opt_state = self.tx.update(grads, opt_state, params,
-                                          layer_stats=layer_stats)
-    else:
-      updates, opt_state = self.tx.update(grads, opt_state, params)
+    # optax.chain hands layer_stats to BNP only; None without BNP.
+    updates, opt_state = self.tx.update(grads, opt_state, params,
+                                        layer_stats=layer_stats)
     params = optax.apply_updates(params, updates)
     return (params, model_state, opt_state, jax.random.key_data(key)), loss
 
@@ -266,37 +244,6 @@ class Trainer:
     return jnp.sum(correct * weight), jnp.sum(losses * weight)
 
 
-def _finite_or_none(value):
-  value = float(value)
-  return value if math.isfinite(value) else None
-
-
-def versions() -> dict[str, str]:
-  """Versions of everything that affects the numbers."""
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  device = jax.devices()[0]
-  return {
-      'bnp_optax': bnp_optax.__version__,
-      'jax': jax.__version__,
-      'jaxlib': jaxlib.__version__,
-      'flax': flax.__version__,
-      'optax': optax.__version__,
-      'numpy': np.__version__,
-      'python': sys.version.split()[0],
-      'platform': platform.platform(),
-      'backend': jax.default_backend(),
-      'device': getattr(device, 'device_kind', str(device)),
-  }
-
-
-# Models with convolutions. XLA's CPU backend runs a convolution inside a
-# while loop (the scan of several steps per call) about 9x slower than
-# outside one: cnn5 at batch 128 took 2.9 s per step in a scan of 8 and
-# 0.33 s with one step per call (2026-11-26, 2 CPU cores).
-CONV_MODELS = ('cnn5', 'flax_mnist_cnn', 'resnet110', 'preact_resnet110',
-               'resnet18')
-
-
 def auto_steps_per_call(batch_size: int, steps_per_epoch: int, *,
                         model: str = 'fc',
                         platform: str | None = None) -> int:
@@ -304,7 +251,8 @@ def auto_steps_per_call(batch_size: int, steps_per_epoch: int, *,
 
   About 1024 examples per call, at most an epoch, so that Python dispatch
   does not dominate small steps; but one step per call for a model with
-  convolutions on CPU, where a scan makes the convolutions slow.
+  convolutions on CPU, where a scan makes the convolutions slow (see
+  ``_models.Model.convolutional``).
 
   Args:
     batch_size: examples per step.
@@ -316,23 +264,9 @@ def auto_steps_per_call(batch_size: int, steps_per_epoch: int, *,
     The number of steps per compiled call.
   """
   platform = platform or jax.default_backend()
-  if model in CONV_MODELS and platform == 'cpu':
+  if _models.MODELS[model].convolutional and platform == 'cpu':
     return 1
   return max(1, min(steps_per_epoch, math.ceil(1024 / batch_size)))
-
-
-def _bnp_running_stats(opt_state):
-  """The running statistics inside an optimizer state (the BNP part)."""
-  found = []
-
-  def visit(node):
-    if isinstance(node, bnp_optax.ScaleByBNPState):
-      found.append(node.running_stats)
-      return True
-    return False
-
-  jax.tree.map(lambda x: x, opt_state, is_leaf=visit)
-  return found[0]
 
 
 class _Conditioning:
@@ -356,7 +290,8 @@ class _Conditioning:
   def after(self, step, loss, nh, state):
     d = self.diagnostics
     config = self.trainer.config
-    running = _bnp_running_stats(state[2])[self.layer]
+    running = optax.tree_utils.tree_get(
+        state[2], 'ScaleByBNPState').running_stats[self.layer]
     # The P applied to this step's gradient: the running statistics after
     # this step's update (Algorithm 2, steps 2-3).
     c = d.conditioning(nh.hessian, running, eps1=config.eps1,
@@ -367,7 +302,7 @@ class _Conditioning:
     # Without the regularisers (eps1 = eps2 = 0), as in Eq. 12.
     plain = d.conditioning(nh.hessian, running, eps1=0.0, eps2=0.0)
     self.rows.append(dict(
-        step=step, loss=_finite_or_none(loss),
+        step=step, loss=_results.finite_or_none(loss),
         kappa_hessian=c.kappa_hessian,
         kappa_preconditioned=c.kappa_preconditioned, kappa_d=c.kappa_d,
         kappa_preconditioned_batch=batch.kappa_preconditioned, rank=c.rank,
@@ -384,19 +319,10 @@ def _progress_bar(config, total, initial):
   try:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise MissingDependency('tqdm', 'the progress bar') from e
+    raise _deps.MissingDependency('tqdm', 'the progress bar') from e
   return tqdm(total=total, initial=initial, unit='step', leave=False,
               dynamic_ncols=True, mininterval=0.5,
               desc=f'{config.method} s{config.seed}')
-
-
-class MissingDependency(ImportError):
-  """An optional dependency is missing; names the extra to install."""
-
-  def __init__(self, module: str, purpose: str,
-               extra: str = 'experiments'):
-    super().__init__(f'{purpose} needs {module}: pip install '
-                     f"'bnp_optax[{extra}]'")
 
 
 class _Checkpoints:
@@ -406,7 +332,7 @@ class _Checkpoints:
     try:
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise MissingDependency('orbax-checkpoint', 'checkpointing') from e
+      raise _deps.MissingDependency('orbax-checkpoint', 'checkpointing') from e
     self.ocp = ocp
     # Orbax wants absolute paths.
     self.directory = pathlib.Path(directory).absolute()
@@ -526,7 +452,7 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
       state, key data)`` under ``'state'`` (not JSON).
 
   Returns:
-    The result, in the JSON schema :data:`SCHEMA` (see :func:`check_result`).
+    The result, in the JSON schema ``_results.SCHEMA``.
   """
   start = time.perf_counter()
   bs = config.batch_size
@@ -576,7 +502,7 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
       return {}
     acc, loss = run_eval(state, ds.x_val, ds.y_val)
     return dict(validation_accuracy=acc,
-                validation_loss=_finite_or_none(loss))
+                validation_loss=_results.finite_or_none(loss))
 
   checkpoints = _Checkpoints(checkpoint_dir) if checkpoint_dir else None
   timing = dict(data_s=0.0, step_s=0.0, train_s=0.0, eval_s=0.0)
@@ -599,7 +525,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
     val0 = validation(state)
     timing['eval_s'] = time.perf_counter() - eval_start
     history = [dict(epoch=0.0, step=0, train_loss=None,
-                    test_accuracy=acc0, test_loss=_finite_or_none(loss0),
+                    test_accuracy=acc0,
+                    test_loss=_results.finite_or_none(loss0),
                     time_s=0.0, **val0)]
   total_steps = steps_per_epoch * config.epochs
   cost = None
@@ -666,9 +593,9 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
       timing['eval_s'] += time.perf_counter() - t3
       history.append(dict(
           epoch=seg_end / steps_per_epoch, step=step,
-          train_loss=_finite_or_none(seg_loss), test_accuracy=acc,
-          test_loss=_finite_or_none(test_loss), time_s=timing['train_s'],
-          **val))
+          train_loss=_results.finite_or_none(seg_loss), test_accuracy=acc,
+          test_loss=_results.finite_or_none(test_loss),
+          time_s=timing['train_s'], **val))
       line = (f'{config.model} {config.dataset} bs{bs} {config.method} '
               f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
               f'train loss {seg_loss:.4f} '
@@ -705,12 +632,12 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
       **({} if ds.x_val is None else dict(num_validation=len(ds.x_val))),
       resolved_steps_per_call=spc, num_params=trainer.num_params)
   result = {
-      'schema': SCHEMA,
+      'schema': _results.SCHEMA,
       'name': config.run_name(),
       'group': config.group_hash(),
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'config': cfg,
-      'versions': versions(),
+      'versions': _results.versions(),
       'history': history,
       'final': dict(train_loss=history[-1]['train_loss'],
                     test_accuracy=history[-1]['test_accuracy'],
@@ -733,36 +660,3 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   if keep_state:
     result['state'] = state
   return result
-
-
-_REQUIRED = {
-    'schema': str, 'name': str, 'group': str, 'created': str, 'config': dict,
-    'versions': dict, 'history': list, 'final': dict, 'timing': dict,
-}
-_REQUIRED_CONFIG = ('model', 'dataset', 'method', 'batch_size', 'epochs',
-                    'seed', 'learning_rate', 'learning_rate_source',
-                    'optimizer', 'method_label')
-_REQUIRED_POINT = ('epoch', 'step', 'train_loss', 'test_accuracy',
-                   'test_loss', 'time_s')
-
-
-def check_result(result: Any) -> None:
-  """Raises ValueError unless ``result`` follows the run JSON schema."""
-  if not isinstance(result, dict):
-    raise ValueError('a run result is a JSON object')
-  for key, kind in _REQUIRED.items():
-    if not isinstance(result.get(key), kind):
-      raise ValueError(f'run result: {key!r} missing or not a '
-                       f'{kind.__name__}')
-  if result['schema'] != SCHEMA:
-    raise ValueError(f'run result: schema {result["schema"]!r}, expected '
-                     f'{SCHEMA!r}')
-  missing = [k for k in _REQUIRED_CONFIG if k not in result['config']]
-  if missing:
-    raise ValueError(f'run result: config lacks {missing}')
-  if not result['history']:
-    raise ValueError('run result: empty history')
-  for point in result['history']:
-    missing = [k for k in _REQUIRED_POINT if k not in point]
-    if missing:
-      raise ValueError(f'run result: history point lacks {missing}')

@@ -28,9 +28,8 @@ import sys
 
 import numpy as np
 
-from bnp_optax.experiments import _methods
-from bnp_optax.experiments import _plot
-from bnp_optax.experiments import _suites
+from bnp_optax import experiments
+# The sweep's selection rule, to choose from a sweep cut short.
 from bnp_optax.experiments import _sweep
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -82,7 +81,7 @@ def _load(suite: str) -> tuple[list[dict], dict[str, dict]]:
     s = json.loads(f.read_text())
     sweeps.update(s['methods'])
   try:
-    runs = _plot.load_results([d])
+    runs = experiments.load_results([d])
   except ValueError:
     runs = []
   return runs, sweeps
@@ -152,12 +151,12 @@ def _mb(value) -> str:
 
 
 def _label(method: str) -> str:
-  return _methods.METHODS[method].label
+  return experiments.METHODS[method].label
 
 
 def workload_table(w: Workload) -> str:
   """Markdown: per method the cost, the budget's accuracies, the target."""
-  suite = _suites.SUITES[w.suite]
+  suite = experiments.SUITES[w.suite]
   runs, sweeps = _load(w.suite)
   if not runs:
     return f'*No runs: {w.missing}.*'
@@ -258,7 +257,7 @@ def glance_table() -> str:
     score = {m: float(np.mean([r['final']['test_accuracy'] for r in rs]))
              for m, rs in chosen.items()}
     order = sorted(score, key=lambda m: -score[m])
-    bnps = [m for m in order if _methods.METHODS[m].bnp]
+    bnps = [m for m in order if experiments.METHODS[m].bnp]
     best_bnp = bnps[0] if bnps else None
     bnp_cell = ('none run' if best_bnp is None else
                 f'{_label(best_bnp)} ({100 * score[best_bnp]:.2f})')
@@ -279,7 +278,7 @@ def figure(output: pathlib.Path = FIGURE) -> pathlib.Path | None:
   fig, axes = plt.subplots(2, 3, figsize=(14, 8))
   drawn = False
   cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  names = list(_methods.METHODS)
+  names = list(experiments.METHODS)
   for ax, w in zip(axes.flat, WORKLOADS):
     runs, sweeps = _load(w.suite)
     chosen = chosen_runs(runs, sweeps)
@@ -296,7 +295,7 @@ def figure(output: pathlib.Path = FIGURE) -> pathlib.Path | None:
       acc = 100 * np.array([[p['test_accuracy'] for p in r['history'][:n]]
                             for r in rs])
       colour = cycle[names.index(m) % len(cycle)]
-      style = '--' if _methods.METHODS[m].optimizer in ('adamw', 'muon') \
+      style = '--' if experiments.METHODS[m].optimizer in ('adamw', 'muon') \
           else '-'
       ax.plot(x[:n], acc.mean(0), style, color=colour, label=_label(m),
               marker='o', ms=2)

@@ -27,8 +27,7 @@ import pathlib
 import sys
 import tempfile
 
-from bnp_optax.experiments import _cli
-from bnp_optax.experiments import _suites
+from bnp_optax import experiments
 
 HERE = pathlib.Path(__file__).resolve().parent
 RUNS = HERE / 'runs'
@@ -88,7 +87,7 @@ def run_method(suite: str, method: str, *, rates: int, seeds: int, out: str,
   common = ['suite', suite, '--methods', method, '--out', out,
             '--skip-existing', '--no-progress', '--plot', plot] + extra
   rates_text = _fmt(grid(suite, method, rates))
-  status = _cli.main(common + [
+  status = experiments.main(common + [
       '--seeds', '0', '--lr-grid', f'{method}:{rates_text}',
       '--sweep-summary', str(summary)])
   if status:
@@ -99,7 +98,7 @@ def run_method(suite: str, method: str, *, rates: int, seeds: int, out: str,
     print(f'{suite} {method}: every rate diverged; no seeds run')
     return None
   if seeds > 1:
-    status = _cli.main(common + ['--seeds', f'{seeds}x', '--lr', repr(best)])
+    status = experiments.main(common + ['--seeds', f'{seeds}x', '--lr', repr(best)])
     if status:
       raise SystemExit(f'{suite} {method}: the seeds failed ({status})')
   return best
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default=str(RUNS))
   args, extra = parser.parse_known_args(argv)
   methods = (args.methods.split(',') if args.methods
-             else list(_suites.SUITES[args.suite].methods))
+             else list(experiments.SUITES[args.suite].methods))
   chosen = {}
   for method in methods:
     chosen[method] = run_method(args.suite, method, rates=args.rates,

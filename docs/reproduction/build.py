@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from bnp_optax.experiments import _plot
+from bnp_optax import experiments
 
 HERE = pathlib.Path(__file__).resolve().parent
 DOCS = HERE.parent
@@ -87,7 +87,7 @@ def runs_of(experiment: Experiment) -> list[dict]:
   """The committed results of an experiment's suites (may be empty)."""
   dirs = [RUNS / s for s in experiment.suites if (RUNS / s).is_dir()]
   dirs = [d for d in dirs if any(d.glob('*.json'))]
-  return _plot.load_results(dirs) if dirs else []
+  return experiments.load_results(dirs) if dirs else []
 
 
 def numbers_table(results: list[dict]) -> str:
@@ -99,8 +99,8 @@ def numbers_table(results: list[dict]) -> str:
            '(min-max) | diverged |',
            '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for (model, dataset, bs), groups in sorted(
-      _plot.group_results(results).items()):
-    for _, runs in _plot._sorted_groups(groups):  # pylint: disable=protected-access
+      experiments.group_results(results).items()):
+    for _, runs in experiments.sorted_groups(groups):
       c = runs[0]['config']
       losses = [r['final']['train_loss'] for r in runs]
       accs = [r['final']['test_accuracy'] for r in runs]
@@ -109,8 +109,9 @@ def numbers_table(results: list[dict]) -> str:
       if c.get('resnet_blocks'):
         extra.append(f'{c["resnet_blocks"]} blocks/stage')
       label = c.get('method_label', c['method'])
-      head = f'{label}' + (f' ({model}, {dataset}, bs {bs})'
-                           if len(_plot.group_results(results)) > 1 else '')
+      several = len(experiments.group_results(results)) > 1
+      head = f'{label}' + (f' ({model}, {dataset}, bs {bs})' if several
+                           else '')
       subset = ' (subset)' if c.get('train_subset') else ''
       lines.append(
           f'| {head} | {c["optimizer"]}, {c["learning_rate"]:g} | '
@@ -127,7 +128,7 @@ def conditioning_table(results: list[dict]) -> str:
     return ''
   lines = ['| quantity | 5% | median | 95% |', '| --- | --- | --- | --- |']
   for result in rows:
-    s = _plot.conditioning_series(result)
+    s = experiments.conditioning_series(result)
     quantities = [
         ('kappa(H) of the output neuron', s['kappa_hessian']),
         ('kappa(P^T H P), BNP-preconditioned', s['kappa_preconditioned']),
@@ -233,11 +234,11 @@ def figures() -> list[pathlib.Path]:
     results = runs_of(e)
     if not results:
       continue
-    written.append(_plot.plot(results, FIGURES / f'{e.id}.png',
+    written.append(experiments.plot(results, FIGURES / f'{e.id}.png',
                               title=f'{e.title} (bnp_optax)'))
     for r in results:
       if r.get('conditioning'):
-        written.append(_plot.plot_conditioning(
+        written.append(experiments.plot_conditioning(
             r, FIGURES / f'{e.id}-conditioning.png'))
   table1 = table1_figure(FIGURES / 'table1.png')
   return written + ([table1] if table1 else [])
