@@ -29,6 +29,7 @@ import sys
 import numpy as np
 
 from bnp_optax import experiments
+
 # The sweep's selection rule, to choose from a sweep cut short.
 from bnp_optax.experiments import _sweep
 
