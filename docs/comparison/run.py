@@ -98,7 +98,8 @@ def run_method(suite: str, method: str, *, rates: int, seeds: int, out: str,
     print(f'{suite} {method}: every rate diverged; no seeds run')
     return None
   if seeds > 1:
-    status = experiments.main(common + ['--seeds', f'{seeds}x', '--lr', repr(best)])
+    status = experiments.main(common + ['--seeds', f'{seeds}x', '--lr',
+                                         repr(best)])
     if status:
       raise SystemExit(f'{suite} {method}: the seeds failed ({status})')
   return best
