@@ -54,6 +54,7 @@ GRIDS = {
                                 _MUON),
     'cmp-fc-mnist-bs1': _grids(_SGD_SMALL, (1e-3, 3e-3, 0.01, 0.03, 0.1),
                                _ADAM_SMALL, _MUON_SMALL),
+    'cmp-adam-cnn-mnist-bs60': _grids(_SGD, _SGD, _ADAM, _MUON),
     'cmp-cnn-bs128': _grids(_SGD, _SGD, _ADAM, _MUON),
     'cmp-cnn-bs2': _grids((1e-4, 3e-4, 1e-3, 3e-3, 0.01),
                           (3e-4, 1e-3, 3e-3, 0.01, 0.03), _ADAM_SMALL,
