@@ -124,7 +124,10 @@ def _configs(args, *, fixed, settings=None, method_settings=None,
     rates = [None]
     if grids is not None:
       rates = grids[method]
-      if args.validation_split is None:
+      if args.validation_split is None and not base.get(
+          'validation_split'):
+        # A suite's own split stays (the seeds at the chosen rate, run
+        # without --lr-grid, use it too: their seed 0 is the sweep's run).
         base['validation_split'] = _sweep.DEFAULT_VALIDATION_SPLIT
     for rate in rates:
       for seed in seeds:
