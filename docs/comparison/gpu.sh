@@ -31,12 +31,12 @@ RUNS=docs/comparison/runs
 EXTRA="--checkpoint never"
 if [ "${QUICK:-0}" = 1 ]; then
   RUNS=results/gpu_dry
-  EXTRA="$EXTRA --budget 6 --train-subset 120 --test-subset 40"
+  EXTRA="$EXTRA --budget 6 --train-subset 300 --test-subset 40"
 fi
 LOGS=${OUT:-results}/logs
 mkdir -p "$LOGS" "$RUNS"
 # Longest first: ResNet-20 at batch 8, the CNN at batch 2, then batch 128.
-SUITES="cmp-resnet20-bs8 cmp-cnn-bs2 cmp-resnet20-bs128 cmp-cnn-bs128"
+SUITES=${SUITES:-"cmp-resnet20-bs8 cmp-cnn-bs2 cmp-resnet20-bs128 cmp-cnn-bs128"}
 JOBLIST=$($PY - "$SUITES" "${METHODS:-}" <<'EOF'
 import sys
 from bnp_optax.experiments import _suites
