@@ -184,8 +184,23 @@ def workload_table(w: Workload) -> str:
     rate_grid = ('' if not grid else
                  f' ({", ".join(f"{g:g}" for g in grid)}{partial})')
     if m not in chosen:
-      why = ('every rate diverged' if m in sweeps else 'not run')
-      lines.append(f'| {_label(m)} | | {why}{rate_grid} | 0 | | | | | | | | |')
+      ran = [r for r in runs if r['config']['method'] == m]
+      if not ran:
+        lines.append(f'| {_label(m)} | | not run{rate_grid} | 0 | | | | | | '
+                     '| | |')
+        continue
+      # Every rate "diverged" by the sweep's rule: a non-finite loss, or a
+      # final training loss above the untrained network's held-out loss.
+      cost = ran[0]['cost']
+      accs = [100 * r['final']['test_accuracy'] for r in ran]
+      lines.append(
+          f'| {_label(m)} | {ran[0]["config"]["optimizer"]} | none: no rate '
+          f'ended below its initial loss{rate_grid} | 0 | '
+          f'{cost["ratio"]:.2f} | {cost["budget_steps"]} | '
+          f'{ran[0]["timing"]["compile_s"]:.1f} '
+          f'({cost["sgd_compile_s"]:.1f}) | '
+          f'{_mb(cost["memory"]["peak_bytes"])} | | {min(accs):.1f}-'
+          f'{max(accs):.1f} over the rates | | |')
       continue
     rs = chosen[m]
     c = rs[0]['config']
