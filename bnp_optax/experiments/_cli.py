@@ -125,7 +125,10 @@ def _configs(args, *, fixed, settings=None, method_settings=None,
     rates = [None]
     if grids is not None:
       rates = grids[method]
-      if args.validation_split is None:
+      if args.validation_split is None and not base.get(
+          'validation_split'):
+        # A suite's own split stays (the seeds at the chosen rate, run
+        # without --lr-grid, use it too: their seed 0 is the sweep's run).
         base['validation_split'] = _sweep.DEFAULT_VALIDATION_SPLIT
     for rate in rates:
       for seed in seeds:
@@ -490,6 +493,8 @@ def _cmd_list(args, signals):
       print('      settings: ' + ', '.join(
           f'{k}={v}' for k, v in s.settings.items()))
     for method, settings in s.method_settings.items():
+      if method not in s.methods:
+        continue
       print(f'      {method}: ' + ', '.join(
           f'{k}={v}' for k, v in settings.items()))
   print("the paper's learning rates (Tables 2 and 3), the defaults of runs "

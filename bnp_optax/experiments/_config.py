@@ -23,6 +23,8 @@ from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
+from bnp_optax.experiments import _modern
+from bnp_optax.experiments import _normfree
 from bnp_optax.experiments import _qscale
 
 # Bumped when a field is added or its meaning changes: results of another
@@ -207,6 +209,15 @@ class RunConfig:
       False, "debias BNP's running statistics (scale_by_bnp(debias=True)): "
       'remove the pull of their initial mean 0 and variance 1',
       omit_at_default=True)
+  budget: int | None = _field(
+      None, 'compute budget in SGD steps: before training, the step of this '
+      "run is timed against plain SGD's on the vanilla network (same model "
+      'and batch, interleaved in this process); a step costing r times '
+      "SGD's trains floor(BUDGET / r) steps, whatever --epochs says; none: "
+      '--epochs', check=_at_least(1), omit_at_default=True)
+  budget_evals: int = _field(
+      10, 'with --budget: evaluations, equally spaced in the budget',
+      check=_at_least(1), omit_at_default=True)
 
   def resolved_learning_rate(self) -> tuple[float, str]:
     """The learning rate and where it comes from."""
@@ -453,6 +464,23 @@ def check(config) -> None:
     if config.bnp_debias and not _methods.METHODS[config.method].bnp:
       raise ValueError(f'--bnp-debias needs a BNP method, got '
                        f'{config.method}')
+    method = _methods.METHODS[config.method]
+    if config.resolved_optimizer() == 'kfac':
+      why = _modern.kfac_available()
+      if why:
+        raise ValueError(f'K-FAC ({config.method}): {why}')
+    if config.resolved_optimizer() == 'muon' and _modern.muon_available():
+      raise ValueError(f'Muon ({config.method}): {_modern.muon_available()}')
+    if method.bnp_variant == 'centring' and (
+        config.bnp_q != 'paper' or config.bnp_debias):
+      raise ValueError(f'{config.method} has no 1/q^2 or variance to change: '
+                       '--bnp-q and --bnp-debias are for the full BNP')
+    if method.arch and config.model not in _normfree.MODELS:
+      raise ValueError(f'--methods {config.method} ({method.arch}) is built '
+                       f'for {", ".join(_normfree.MODELS)}, not '
+                       f'{config.model}')
+    if config.budget_evals != 10 and config.budget is None:
+      raise ValueError('--budget-evals needs --budget')
     if config.conditioning_every and not (
         _methods.METHODS[config.method].bnp
         and _models.MODELS[config.model].conditioning):

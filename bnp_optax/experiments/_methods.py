@@ -12,6 +12,7 @@ from typing import Any
 import optax
 
 from bnp_optax.experiments import _models
+from bnp_optax.experiments import _modern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,14 @@ class Method:
       has the length of its raw gradient, so the rate is the base
       optimizer's own (``docs/howto/learning_rate.md``).
     colour: its colour in figures; None: the next of a cycle.
+    arch: another architecture of the model (``_normfree.py``): ``'gn_ws'``
+      (GroupNorm + Weight Standardization) or ``'nf'`` (normaliser-free);
+      None: the model as the paper builds it, with ``norm``.
+    bnp_variant: ``'full'`` (the paper's BNP) or ``'centring'`` (its
+      centring alone, ``_modern.scale_by_bnp_centring``; an experiment-only
+      control for the BNP + Adam study).
+    clip: ``'agc'``: adaptive gradient clipping before the optimizer (the
+      normaliser-free networks' training, Brock et al. 2021b).
   """
 
   name: str
@@ -44,6 +53,9 @@ class Method:
   rate_from: str | None = None
   graft: bool = False
   colour: str | None = None
+  arch: str | None = None
+  bnp_variant: str = 'full'
+  clip: str | None = None
 
   @property
   def conv_bias(self) -> bool:
@@ -73,12 +85,22 @@ METHODS = {
         # Summers and Dinneen (2020), see _bn4.py.
         Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam',
                colour='#17becf'),
-        # AdamW (decoupled weight decay, --weight-decay) and BNP chained
-        # before it: the Transformer comparison (docs/transformers.md).
+        # Today's methods (docs/comparison.md, _modern.py, _normfree.py); AdamW
+        # and BNP chained before it are also the Transformer comparison's
+        # (docs/transformers.md).
         Method('adamw', 'AdamW', 'none', False, optimizer='adamw',
-               colour='#2ca02c'),
+               colour='#7f7f7f'),
         Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw',
-               colour='#9467bd'),
+               colour='#393b79'),
+        Method('centring_adamw', 'BNP centring+AdamW', 'none', True,
+               optimizer='adamw', bnp_variant='centring', colour='#aec7e8'),
+        Method('muon', 'Muon', 'none', False, optimizer='muon',
+               colour='#000000'),
+        Method('kfac', 'K-FAC', 'none', False, optimizer='kfac'),
+        Method('gn_ws', 'GN+WS', 'gn', False, rate_from='bn', arch='gn_ws',
+               colour='#c49c94'),
+        Method('nf_agc', 'NF+AGC', 'none', False, arch='nf', clip='agc',
+               colour='#98df8a'),
     )
 }
 
@@ -91,13 +113,16 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     'momentum': lambda learning_rate, config: optax.sgd(
         learning_rate, momentum=config.momentum),
     'adam': lambda learning_rate, config: optax.adam(learning_rate),
-    # Decoupled weight decay: --weight-decay is AdamW's own, applied after
-    # BNP, and never added to the gradient (DECOUPLED_WEIGHT_DECAY).
+    # The comparison's (_modern.py): the run's weight_decay is their
+    # decoupled decay, not an L2 term (see _train.make_optimizer).
     'adamw': lambda learning_rate, config: optax.adamw(
         learning_rate, weight_decay=config.weight_decay),
+    'muon': lambda learning_rate, config: _modern.muon(
+        learning_rate, config.weight_decay),
+    'kfac': lambda learning_rate, config: _modern.kfac(),
 }
-# Base optimizers that apply --weight-decay themselves.
-DECOUPLED_WEIGHT_DECAY = frozenset({'adamw'})
+# Base optimizers that take the run's weight decay themselves (decoupled).
+DECOUPLED_WEIGHT_DECAY = frozenset({'adamw', 'muon'})
 
 # The paper's best learning rates, keyed (model, dataset, batch size).
 # Table 2 (fully connected network, SGD) and Table 3 (CNNs; bn4 with Adam).

@@ -44,6 +44,24 @@ _VIT_METHOD_SETTINGS = {
     'adamw': dict(weight_decay=0.05),
     'bnp_adamw': dict(weight_decay=0.05),
 }
+# The comparison with today's methods (docs/comparison.md): every method at
+# the same compute budget (--budget, in SGD steps), SGD methods with momentum
+# 0.9; AdamW, Muon and their BNP variants with their own optimizer (and
+# the weight decay decoupled: optax.adamw's default 1e-4). 10% of the
+# training set is held out to choose the learning rates
+# (docs/comparison/run.py).
+_OWN_OPTIMIZER = {m: dict(optimizer=o, weight_decay=1e-4) for m, o in (
+    ('adamw', 'adamw'), ('bnp_adamw', 'adamw'), ('centring_adamw', 'adamw'),
+    ('muon', 'muon'))}
+_CMP = dict(optimizer='momentum', validation_split=0.1, budget_evals=10)
+_CMP_ADAM = ('adamw', 'bnp_adamw', 'centring_adamw', 'muon')
+# CIFAR-10 on the GPU: a 10,000-image training subset (gpu_data/), 2,000
+# test images per evaluation; steps per compiled call set so that a call
+# does not run far past an evaluation (the padding steps of a call are
+# computed and discarded).
+_CMP_CIFAR = dict(_CMP, test_subset=2000)
+_CMP_RESNET20 = dict(_CMP_CIFAR, resnet_blocks=3, weight_decay=1e-4,
+                     augment=True)
 
 SUITES = {s.name: s for s in (
     Suite('digits', 'offline stand-in for Figure 3 (no download)', 'fc',
@@ -105,4 +123,34 @@ SUITES = {s.name: s for s in (
     Suite('vit-dyt', 'Transformers: ViT with Dynamic Tanh', 'vit_dyt',
           'cifar10', 128, ('vanilla', 'adamw'), 10, {},
           _VIT_METHOD_SETTINGS),
+    Suite('cmp-fc-mnist-bs60', 'comparison: FC, MNIST, batch 60', 'fc',
+          'mnist', 60, ('vanilla', 'bn', 'bnp') + _CMP_ADAM, 100,
+          dict(_CMP, budget=2700), _OWN_OPTIMIZER),
+    Suite('cmp-fc-mnist-bs1', 'comparison: FC, MNIST, batch 1 (online)',
+          'fc', 'mnist', 1, ('vanilla', 'ln', 'bnp') + _CMP_ADAM, 100,
+          dict(_CMP, budget=20000), _OWN_OPTIMIZER),
+    # The BNP + Adam study on a convolutional network that fits the CPU:
+    # Flax's MNIST CNN (two convolutions, Dense 256); 2,000 test images and
+    # 5 evaluations, so that evaluation does not dominate.
+    Suite('cmp-adam-cnn-mnist-bs60', 'comparison: BNP + Adam, Flax MNIST '
+          'CNN, batch 60', 'flax_mnist_cnn', 'mnist', 60,
+          ('adamw', 'bnp_adamw', 'centring_adamw'), 100,
+          dict(_CMP, budget=600, test_subset=2000, budget_evals=5),
+          _OWN_OPTIMIZER),
+    Suite('cmp-cnn-bs128', 'comparison: CNN, CIFAR-10, batch 128', 'cnn5',
+          'cifar10', 128, ('vanilla', 'bn', 'bnp') + _CMP_ADAM, 1000,
+          dict(_CMP_CIFAR, budget=700, steps_per_call=5), _OWN_OPTIMIZER),
+    Suite('cmp-cnn-bs2', 'comparison: CNN, CIFAR-10, batch 2', 'cnn5',
+          'cifar10', 2, ('vanilla', 'gn', 'gn_ws', 'nf_agc', 'bnp', 'bnp_gn',
+                         'adamw', 'bnp_adamw', 'muon'), 1000,
+          dict(_CMP_CIFAR, budget=4500, steps_per_call=50), _OWN_OPTIMIZER),
+    Suite('cmp-resnet20-bs128', 'comparison: ResNet-20, CIFAR-10, batch 128',
+          'resnet110', 'cifar10', 128, ('bn', 'vanilla', 'bnp', 'gn_ws')
+          + _CMP_ADAM, 1000, dict(_CMP_RESNET20, budget=700,
+                                  steps_per_call=5), _OWN_OPTIMIZER),
+    Suite('cmp-resnet20-bs8', 'comparison: ResNet-20, CIFAR-10, batch 8',
+          'resnet110', 'cifar10', 8, ('vanilla', 'bn', 'gn', 'gn_ws',
+                                      'nf_agc', 'bnp', 'bnp_gn'), 1000,
+          dict(_CMP_RESNET20, budget=2250, steps_per_call=25),
+          _OWN_OPTIMIZER),
 )}

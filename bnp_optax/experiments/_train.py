@@ -17,6 +17,8 @@ batches on the host (data) and in the compiled calls (step) is measured
 separately.
 """
 
+import datetime
+import json
 import math
 import time
 from typing import Any, NamedTuple
@@ -31,10 +33,13 @@ from bnp_optax.experiments import _bn4
 from bnp_optax.experiments import _checkpoints
 from bnp_optax.experiments import _conditioning
 from bnp_optax.experiments import _config
+from bnp_optax.experiments import _cost
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _deps
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
+from bnp_optax.experiments import _modern
+from bnp_optax.experiments import _normfree
 from bnp_optax.experiments import _qscale
 from bnp_optax.experiments import _results
 
@@ -127,17 +132,22 @@ def make_optimizer(config: RunConfig, lr: float, steps_per_epoch: int, *,
   ``DenseGeneral`` kernels, e.g. the ViT's attention).
   """
   schedule = _schedule(config, lr, steps_per_epoch)
+  method = _methods.METHODS[config.method]
+  # AdamW and Muon take the weight decay decoupled; the others as L2.
+  decoupled = config.resolved_optimizer() in _methods.DECOUPLED_WEIGHT_DECAY
   base = _methods.OPTIMIZERS[config.resolved_optimizer()](schedule, config)
   parts = []
+  if method.clip == 'agc':
+    parts.append(_modern.agc())
   norm_wd = config.resolved_bn4().get('norm_weight_decay')
   if norm_wd:
     parts.append(optax.add_decayed_weights(norm_wd,
                                            mask=_bn4.norm_param_mask))
-  if (config.weight_decay and config.resolved_optimizer()
-      not in _methods.DECOUPLED_WEIGHT_DECAY):
+  if config.weight_decay and not decoupled:
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  method = _methods.METHODS[config.method]
-  if method.bnp:
+  if method.bnp and method.bnp_variant == 'centring':
+    parts.append(_modern.scale_by_bnp_centring(rho=config.rho))
+  elif method.bnp:
     parts.append(bnp_optax.scale_by_bnp(eps1=config.eps1, eps2=config.eps2,
                                         rho=config.rho,
                                         debias=config.bnp_debias,
@@ -150,6 +160,9 @@ def make_optimizer(config: RunConfig, lr: float, steps_per_epoch: int, *,
 
 def make_model(config: RunConfig, num_classes: int):
   method = _methods.METHODS[config.method]
+  if method.arch:
+    return _normfree.make_model(config.model, method.arch, num_classes,
+                                resnet_blocks=config.resnet_blocks)
   return _models.make_model(
       config.model, method.norm, num_classes, init_scale=config.init_scale,
       conv_bias=method.conv_bias,
@@ -301,23 +314,26 @@ class Segment(NamedTuple):
 
   Attributes:
     epoch: the epoch (fractional) at its end, where the evaluation is.
-    order: the epoch's order of the training examples.
-    chunks: ``(first step in the epoch, steps)`` of each compiled call.
+    chunks: ``(the epoch's order of the training examples, first step in
+      the epoch, steps)`` of each compiled call; a chunk never crosses an
+      epoch.
   """
 
   epoch: float
-  order: np.ndarray
-  chunks: list[tuple[int, int]]
+  chunks: list[tuple[np.ndarray, int, int]]
 
 
 class Batches:
   """The training batches of a run: epochs, segments, padded chunks.
 
   Every epoch draws its own order of the training examples (from the
-  seed and the epoch, so that a resumed run draws the same). An epoch is cut
-  into ``evals_per_epoch`` segments and a segment into chunks of
-  ``steps_per_call`` steps, its last chunk padded with masked steps so that
-  every compiled call has the same shape.
+  seed and the epoch, so that a resumed run draws the same). The training
+  is cut into segments, one evaluation at the end of each:
+  ``evals_per_epoch`` equal parts of every epoch or, with a compute budget
+  (:meth:`limit`), ``budget_evals`` equal parts of the budget's steps. A
+  segment is cut into chunks of ``steps_per_call`` steps, a chunk's last
+  steps padded with masked ones so that every compiled call has the same
+  shape.
   """
 
   def __init__(self, config: RunConfig, ds: _data.Dataset,
@@ -329,13 +345,29 @@ class Batches:
     self.steps_per_epoch = len(ds.x_train) // config.batch_size
     self.steps_per_call = steps_per_call
     self.total_steps = self.steps_per_epoch * config.epochs
+    self.budget_evals = (None if config.budget is None
+                         else config.budget_evals)
     self._cuts = [round(self.steps_per_epoch * k / config.evals_per_epoch)
                   for k in range(config.evals_per_epoch + 1)]
+
+  def limit(self, total_steps: int) -> None:
+    """Trains ``total_steps`` (a compute budget's), not the epochs."""
+    self.total_steps = total_steps
 
   @property
   def chunk_shape(self) -> tuple[int, ...]:
     """The shape of a chunk's images: ``(steps, batch, *image)``."""
     return (self.steps_per_call, self.batch_size) + self.x.shape[1:]
+
+  def _bounds(self) -> list[tuple[int, int]]:
+    """``(first step, end step)`` of every segment."""
+    if self.budget_evals is not None:
+      cuts = sorted({round(self.total_steps * k / self.budget_evals)
+                     for k in range(self.budget_evals + 1)})
+      return list(zip(cuts[:-1], cuts[1:]))
+    spe = self.steps_per_epoch
+    return [(e * spe + a, e * spe + b) for e in range(self.epochs)
+            for a, b in zip(self._cuts[:-1], self._cuts[1:])]
 
   def segments(self, done: int = 0):
     """Yields the :class:`Segment` s after the first ``done`` steps.
@@ -344,14 +376,21 @@ class Batches:
       done: steps already trained (a resumed run's, at a segment's end).
     """
     spe = self.steps_per_epoch
-    for epoch in range(done // spe, self.epochs):
-      order = _epoch_order(self.seed, epoch, len(self.x))
-      for start, end in zip(self._cuts[:-1], self._cuts[1:]):
-        if epoch * spe + end <= done:
-          continue  # Done before the checkpoint this run resumed from.
-        chunks = [(c, min(self.steps_per_call, end - c))
-                  for c in range(start, end, self.steps_per_call)]
-        yield Segment(epoch + end / spe, order, chunks)
+    orders = {}
+    for start, end in self._bounds():
+      if end <= done:
+        continue  # Done before the checkpoint this run resumed from.
+      chunks = []
+      step = start
+      while step < end:
+        epoch, first = divmod(step, spe)
+        count = min(self.steps_per_call, end - step, spe - first)
+        if epoch not in orders:
+          orders.clear()
+          orders[epoch] = _epoch_order(self.seed, epoch, len(self.x))
+        chunks.append((orders[epoch], first, count))
+        step += count
+      yield Segment(end / spe, chunks)
 
   def chunk(self, order: np.ndarray, first: int, count: int):
     """``(xs, ys, valid)`` of ``count`` steps, padded to a full chunk."""
@@ -505,6 +544,61 @@ def steps_per_call(config: RunConfig, steps_per_epoch: int) -> int:
   return min(spc, steps_per_epoch)
 
 
+# Fields that do not change what one training step computes.
+_NOT_STEP_COST = ('seed', 'learning_rate', 'budget', 'budget_evals',
+                  'train_subset', 'test_subset', 'validation_split', 'epochs',
+                  'evals_per_epoch', 'warmup_steps', 'warmup_init',
+                  'lr_decay_epochs', 'conditioning_every', 'steps_per_call')
+
+
+def _cost_key(config: RunConfig) -> str:
+  """The fields that decide a step's cost (the cost is measured once)."""
+  identity = _config.canonical(config)
+  for k in _NOT_STEP_COST:
+    identity.pop(k, None)
+  return json.dumps(identity, sort_keys=True)
+
+
+def _measure_cost(config: RunConfig, ds: _data.Dataset, chunk_fn, state,
+                  spc: int, steps_per_epoch: int,
+                  compile_s: float) -> dict[str, Any]:
+  """The step-cost ratio against plain SGD (see ``_cost.py``)."""
+  key = _cost_key(config)
+  found = _cost.cached(key)
+  if found is not None:
+    return found
+  lr, _ = config.resolved_learning_rate()
+  reference = RunConfig(
+      model=config.model, dataset=config.dataset, method='vanilla',
+      optimizer='sgd', batch_size=config.batch_size, learning_rate=lr,
+      seed=config.seed, augment=config.augment,
+      resnet_blocks=config.resnet_blocks, init_scale=config.init_scale)
+  ref = Trainer(reference, ds.num_classes, ds.x_train.shape[1:],
+                steps_per_epoch)
+  bs = config.batch_size
+  xs = ds.x_train[:spc * bs].reshape((spc, bs) + ds.x_train.shape[1:])
+  ys = ds.y_train[:spc * bs].reshape((spc, bs))
+  valid = np.ones(spc, bool)
+  start = time.perf_counter()
+  ref_fn = jax.jit(ref.chunk).lower(ref.state, xs, ys, valid).compile()
+  sgd_compile_s = time.perf_counter() - start
+  cost = _cost.paired_ratio(chunk_fn, (state, xs, ys, valid), ref_fn,
+                            (ref.state, xs, ys, valid), steps_per_call=spc)
+  if key == _cost_key(reference):
+    # The run is the reference itself: its ratio is 1 by definition (the
+    # measured one, timing noise around 1, is kept beside it).
+    cost.update(ratio_measured=cost['ratio'], ratio=1.0)
+  cost.update(
+      method_compile_s=compile_s, sgd_compile_s=sgd_compile_s,
+      memory=_cost.memory(chunk_fn), sgd_memory=_cost.memory(ref_fn),
+      reference='vanilla network, plain SGD, same model, batch and '
+      'augmentation', backend=jax.default_backend(),
+      measured=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      cached=False)
+  _cost.remember(key, cost)
+  return cost
+
+
 def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
           log=print, stop=None, checkpoint_dir=None, resume: bool = False,
           keep_state: bool = False) -> dict[str, Any]:
@@ -537,6 +631,13 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   chunk_fn = trainer.compile_chunk(batches.chunk_shape)
   evaluate = Evaluator(trainer, ds, config.batch_size)
   compile_s = time.perf_counter() - compile_start
+  cost = None
+  if config.budget is not None:
+    # A compute budget in SGD steps: this method's step cost, paired
+    # against plain SGD's in this process, sets its number of steps.
+    cost = _measure_cost(config, ds, chunk_fn, trainer.state,
+                         batches.steps_per_call, steps_per_epoch, compile_s)
+    batches.limit(_cost.budget_steps(config.budget, cost['ratio']))
   checkpoints = (_checkpoints.Checkpoints(
       checkpoint_dir, _config.canonical(config)) if checkpoint_dir else None)
   state, step, history, timing, resumed_from = _start(
@@ -547,11 +648,11 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   try:
     for segment in batches.segments(step):
       losses = []
-      for first, count in segment.chunks:
+      for order, first, count in segment.chunks:
         if stop is not None and stop():
           raise Interrupted(stop(), step=step)
         t0 = time.perf_counter()
-        xs, ys, valid = batches.chunk(segment.order, first, count)
+        xs, ys, valid = batches.chunk(order, first, count)
         hessian = conditioning.before(step, state, xs[0], ys[0])
         t1 = time.perf_counter()
         state, chunk_losses = chunk_fn(state, xs, ys, valid)
@@ -586,6 +687,8 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
       config, ds, timing, history, conditioning.rows,
       lr_source=trainer.lr_source, num_params=trainer.num_params,
       steps_per_call=batches.steps_per_call)
+  if cost is not None:
+    result['cost'] = dict(cost, budget_steps=batches.total_steps)
   if keep_state:
     result['state'] = state
   return result
