@@ -30,9 +30,6 @@ import numpy as np
 
 from bnp_optax import experiments
 
-# The sweep's selection rule, to choose from a sweep cut short.
-from bnp_optax.experiments import _sweep
-
 HERE = pathlib.Path(__file__).resolve().parent
 DOCS = HERE.parent
 PAGE = DOCS / 'comparison.md'
@@ -93,7 +90,7 @@ def _load(suite: str) -> tuple[list[dict], dict[str, dict]]:
 def partial_best(runs, method) -> float | None:
   """The rate chosen from a method's runs when its sweep did not finish.
 
-  The sweep's own rule (``_sweep.select_best``) over the rates that have a
+  The sweep's own rule (``experiments.select_best``) over the rates that have a
   seed-0 run (a GPU process stopped by its time limit leaves some).
   """
   scores = {}
@@ -101,8 +98,8 @@ def partial_best(runs, method) -> float | None:
     c = r['config']
     if c['method'] == method and c['seed'] == 0:
       scores[c['learning_rate']] = (r['final'].get('validation_accuracy'),
-                                    _sweep.diverged(r))
-  return _sweep.select_best(scores) if scores else None
+                                    experiments.diverged(r))
+  return experiments.select_best(scores) if scores else None
 
 
 def chosen_runs(runs, sweeps) -> dict[str, list[dict]]:

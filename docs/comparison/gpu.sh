@@ -39,10 +39,10 @@ mkdir -p "$LOGS" "$RUNS"
 SUITES=${SUITES:-"cmp-resnet20-bs8 cmp-cnn-bs2 cmp-resnet20-bs128 cmp-cnn-bs128"}
 JOBLIST=$($PY - "$SUITES" "${METHODS:-}" <<'EOF'
 import sys
-from bnp_optax.experiments import _suites
+from bnp_optax.experiments import SUITES
 only = [m for m in sys.argv[2].split(',') if m]
 for suite in sys.argv[1].split():
-  for m in _suites.SUITES[suite].methods:
+  for m in SUITES[suite].methods:
     if not only or m in only:
       print(suite, m)
 EOF
