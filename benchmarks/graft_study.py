@@ -52,8 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import bnp_optax  # noqa: E402
-from bnp_optax.experiments import _data  # noqa: E402
-from bnp_optax.experiments import _models  # noqa: E402
+from bnp_optax import experiments  # noqa: E402
 import bnp_optax.nnx  # noqa: E402
 import bnp_optax.tracing  # noqa: E402
 
@@ -247,7 +246,7 @@ class Program(NamedTuple):
 
 
 def _harness(name):
-  return lambda: linen_net(_models.make_model(name, 'none', 10))
+  return lambda: linen_net(experiments.make_model(name, 'none', 10))
 
 
 PROGRAMS = {
@@ -406,13 +405,13 @@ def load_data(program: Program, data_dir):
   key = (program.dataset, program.train_subset)
   if key not in _DATA_CACHE:
     if program.dataset == 'digits':
-      ds = _data.load('digits')
+      ds = experiments.load_dataset('digits')
     else:
       if data_dir is None:
         raise SystemExit(f'{program.dataset} needs --data-dir')
-      ds = _data.load(program.dataset, data_dir)
+      ds = experiments.load_dataset(program.dataset, data_dir)
     if program.train_subset:
-      ds = _data.subset(ds, train=program.train_subset)
+      ds = experiments.subset_dataset(ds, train=program.train_subset)
     _DATA_CACHE[key] = (
         jnp.asarray(ds.x_train.astype(np.float32) / 255.0),
         jnp.asarray(ds.y_train.astype(np.int32)),

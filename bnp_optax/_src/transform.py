@@ -145,6 +145,14 @@ def clip_hyperparameters(eps1, eps2, rho, dtype):
           clipped(rho, 0, 1, 1))
 
 
+def _clipped_once(cache: dict, eps1, eps2, rho, dtype):
+  """:func:`clip_hyperparameters` once per dtype, not once per layer."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in cache:
+    cache[dtype] = clip_hyperparameters(eps1, eps2, rho, dtype)
+  return cache[dtype]
+
+
 def batch_variance(
     batch: statistics.LayerStats, running_mean: jax.Array
 ) -> jax.Array:
@@ -287,22 +295,18 @@ def _absorbed_sum(
 ) -> jax.Array:
   """``sum_{window, fan-in} (mu / s) G_w``, indexed like the bias.
 
-  Without a window (Dense) a contraction, which XLA:CPU runs as a library
-  GEMV. With one (convolutions) a fused multiply-and-reduce over the window
-  and fan-in axes: XLA:CPU emits a convolution's kernel gradient in
+  A fused multiply-and-reduce over the window and fan-in axes. For
+  convolutions: XLA:CPU emits a convolution's kernel gradient in
   ``(c_in, *window, c_out)`` order, and the contraction ``c,abcd->d`` made it
   copy that gradient into the kernel's layout and then sum the window in a
-  reduction several times slower than the copy (the timings are in
-  ``benchmarks/RESULTS.md``, "Timings behind the library's choices"); the
-  fused reduction reads the gradient once, where it lies.
+  reduction several times slower than the copy; the fused reduction reads
+  the gradient once, where it lies. For Dense layers the contraction is a
+  matrix-vector product, which XLA:CPU compiles anew for every layer (an
+  LLVM kernel each), where identical fusions of same-shape layers share one
+  kernel, so a deep MLP's compile time grew with its depth. The timings are
+  in ``benchmarks/RESULTS.md``, "Timings behind the library's choices" and
+  "Compile time against depth".
   """
-  if not view.spatial:
-    letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view.shape)]
-    return jnp.einsum(
-        ''.join(letters[p] for p in view.statistics_axes) + ',' + letters
-        + '->' + ''.join(letters[p] for p in view.bias_axes),
-        scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
-    )
   kept = sorted(view.bias_axes)
   summed = tuple(a for a in range(len(view.shape)) if a not in kept)
   product = view.place(scaled_mean, view.statistics_axes) * g_w
@@ -437,7 +441,12 @@ def _graft_mode(graft):
 
 
 def _grafted(raw, preconditioned, dtype, graft):
-  """graft_layer on ``(kernel, bias or None)``; ``graft`` traced or True."""
+  """graft_layer on ``(kernel, bias or None)``; ``graft`` traced or True.
+
+  ``graft=None`` (off) returns ``preconditioned`` unchanged.
+  """
+  if graft is None:
+    return preconditioned
   present = tuple(i for i, leaf in enumerate(preconditioned)
                   if leaf is not None)
   grafted = graft_layer(tuple(raw[i] for i in present),
@@ -590,7 +599,8 @@ def scale_by_bnp(
       raise ValueError(MISSING_LAYER_STATS)
     tree = layers_lib.parse_tree(updates, layer_specs)
     stats = layers_lib.flatten_layer_stats(layer_stats)
-    specs = layers_lib.match_statistics(tree, stats)
+    passed = layers_lib.not_preconditioned(layer_stats)
+    specs = layers_lib.match_statistics(tree, stats, passed)
     if set(state.running_stats) != set(tree.layers):
       raise ValueError(
           'scale_by_bnp: the optimizer state holds running statistics for '
@@ -600,16 +610,25 @@ def scale_by_bnp(
     count = optax.safe_increment(state.count)
     leaves = list(tree.leaves)
     new_running = {}
+    clipped = {}
     for name, layer in tree.layers.items():
+      if name not in specs:  # refused by the capture: passed through
+        new_running[name] = state.running_stats[name]
+        continue
       spec = specs[name]
       running = state.running_stats[name]
       if running.mean.shape != spec.statistics_shape(layer.kernel_shape):
         raise ValueError(layers_lib.state_mismatch_message(
             name, running.mean.shape, spec, layer.kernel_shape))
       batch = stats[name]
-      layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
-          eps1, eps2, rho, running.mean.dtype)
-      running = update_running_stats(running, batch, layer_rho)
+      layer_eps1, layer_eps2, layer_rho = _clipped_once(
+          clipped, eps1, eps2, rho, running.mean.dtype)
+      # A layer that saw no input (inside a scan of length 0) has nothing
+      # to estimate: its running statistics and gradient stay unchanged.
+      has_data = statistics.has_data(batch)
+      running = jax.tree.map(
+          lambda new, old, has_data=has_data: jnp.where(has_data, new, old),
+          update_running_stats(running, batch, layer_rho), running)
       new_running[name] = running
       if debias:
         running = debiased(running, layer_rho, count)
@@ -626,13 +645,14 @@ def scale_by_bnp(
           eps1=layer_eps1,
           eps2=layer_eps2,
       )
-      if graft is not None:
-        new_kernel, new_bias = _grafted(
-            (leaves[layer.kernel_index], bias_grad), (new_kernel, new_bias),
-            running.mean.dtype, graft)
-      leaves[layer.kernel_index] = new_kernel
+      new_kernel, new_bias = _grafted(
+          (leaves[layer.kernel_index], bias_grad), (new_kernel, new_bias),
+          running.mean.dtype, graft)
+      leaves[layer.kernel_index] = jnp.where(
+          has_data, new_kernel, leaves[layer.kernel_index])
       if new_bias is not None:
-        leaves[layer.bias_index] = new_bias
+        leaves[layer.bias_index] = jnp.where(
+            has_data, new_bias, leaves[layer.bias_index])
     new_updates = jax.tree_util.tree_unflatten(tree.treedef, leaves)
     return new_updates, ScaleByBNPState(
         count=count, running_stats=new_running
