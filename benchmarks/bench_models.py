@@ -55,6 +55,29 @@ def ResNet18(*, batch_norm: bool = False, num_classes: int = 10):
       conv_bias=not batch_norm, train=True)
 
 
+def DeepMLP(*, batch_norm: bool = False, num_classes: int = 10,
+            depth: int = 10, width: int = 32):
+  """A plain MLP of ``depth`` hidden Dense layers of ``width`` units, ReLU.
+
+  The compile-time depth cases: every hidden layer has the same shape, so
+  XLA can share the kernels of their identical per-layer computations.
+  """
+  return experiments.FullyConnected(
+      norm=_norm(batch_norm), hidden=(width,) * depth,
+      num_classes=num_classes, train=True)
+
+
+def CifarResNet(*, batch_norm: bool = False, num_classes: int = 10,
+                depth: int = 20):
+  """He et al.'s CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16-32-64."""
+  if (depth - 2) % 6:
+    raise ValueError(f'a CIFAR ResNet has depth 6n + 2, got {depth}')
+  n = (depth - 2) // 6
+  return experiments.ResNet(
+      norm=_norm(batch_norm), num_classes=num_classes, stage_sizes=(n,) * 3,
+      stage_filters=(16, 32, 64), conv_bias=not batch_norm, train=True)
+
+
 def ViT(*, batch_norm: bool = False, num_classes: int = 10):
   """The small ViT of docs/transformers.md, with LayerNorm in both variants.
 

@@ -106,6 +106,16 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
       # The ViT of docs/transformers.md (LayerNorm in every variant).
       Case('vit128', bench_models.ViT, (32, 32, 3), 128, 30),
   ]
+  # Depth: compile time and kernels as the number of layers grows.
+  for depth in (10, 50, 100, 300):
+    cases.append(Case(
+        f'mlp{depth}', functools.partial(bench_models.DeepMLP, depth=depth),
+        (32,), 32, 200))
+  for depth in (20, 56, 110):
+    cases.append(Case(
+        f'resnet{depth}',
+        functools.partial(bench_models.CifarResNet, depth=depth),
+        (32, 32, 3), 16, 5))
   return {c.name: c for c in cases}
 
 
@@ -120,6 +130,10 @@ GROUPS = {
     # The cases of the performance issue: large feature maps, ResNet-18.
     'targets': ['cnn128', 'cnn128same', 'resnet18', 'fc60w4096'],
     'table1': ['table1-bs16', 'table1-bs256', 'table1-bs512'],
+    # Compile time and kernel counts against depth (MLP width 32, batch 32;
+    # CIFAR ResNets, batch 16).
+    'depth': ['mlp10', 'mlp50', 'mlp100', 'mlp300', 'resnet20', 'resnet56',
+              'resnet110'],
     'vit': ['vit128'],
 }
 
@@ -311,6 +325,13 @@ def _expected_bnp_floats(params, specs=None) -> int:
   return total
 
 
+def _layer_count(params) -> int:
+  """The layers BNP preconditions: kernels of ndim >= 2."""
+  return sum(
+      1 for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+      if getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2)
+
+
 def _copy(tree):
   return jax.tree_util.tree_map(jnp.array, tree)
 
@@ -384,7 +405,8 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
       compile_cpu_s[name].append(c2 - c0)
 
   result = {'case': case.name, 'batch_size': case.batch_size,
-            'input_shape': list(case.input_shape), 'variants': {}}
+            'input_shape': list(case.input_shape),
+            'layers': _layer_count(vanilla), 'variants': {}}
   for name in variants:
     c = compiled[name]
     text = c.as_text()
@@ -444,6 +466,9 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
     # beyond the dispatch of one executable.
     v['jit_cache_size'] = int(jitted[name]._cache_size())
   result['ratios'] = _ratios(times, result['variants'], cpu_times)
+  for q in result['ratios'].values():
+    if isinstance(q, dict):
+      q['kernels_added_per_layer'] = q['kernels_added'] / result['layers']
   return result
 
 
@@ -468,6 +493,7 @@ def _ratios(times, v, cpu_times=None) -> dict[str, Any]:
           'compile': (v[a]['lower_s'] + v[a]['compile_s'])
           / (v[b]['lower_s'] + v[b]['compile_s']),
           'compile_cpu': v[a]['compile_cpu_s'] / v[b]['compile_cpu_s'],
+          'kernels_added': v[a]['hlo']['kernels'] - v[b]['hlo']['kernels'],
       }
   if {'sgd', 'bn'} <= set(names):
     bn_over = v['bn']['median_ms'] - v['sgd']['median_ms']
@@ -518,7 +544,9 @@ def print_table(results, info) -> None:
         print(f"{'':<13}{k:<20} median ratio {q['of_medians']:.3f}, paired "
               f"{q['paired']:.3f}, p10 {q['of_p10']:.3f}, CPU time paired "
               f"{q['paired_cpu']:.3f}, compile {q['compile']:.2f} (CPU "
-              f"time {q['compile_cpu']:.2f})")
+              f"time {q['compile_cpu']:.2f}), kernels "
+              f"{q['kernels_added']:+d} ({q['kernels_added_per_layer']:+.1f} "
+              f"per layer of {r['layers']})")
       else:
         print(f"{'':<13}{k:<20} {q:.3f}")
     print()
@@ -529,7 +557,7 @@ def main(argv=None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--cases', nargs='+', default=['default'],
                  help='case names (see _cases) or groups (fc, cnn, default, '
-                 'all, scaling, targets, table1)')
+                 'all, scaling, targets, table1, depth)')
   p.add_argument('--variants', nargs='+', default=['sgd', 'bnp', 'bn'],
                  help=f'any of {sorted(VARIANTS)}')
   p.add_argument('--steps', type=int, default=None,
@@ -569,11 +597,12 @@ def main(argv=None) -> dict[str, Any]:
         case, args.variants, steps=steps, warmup=args.warmup,
         compile_reps=args.compile_reps, hlo_dir=args.hlo_dir, seed=args.seed,
     ))
+    out = {'device': info, 'args': vars(args), 'results': results}
+    if args.out:  # after every case, so that a run cut short keeps them
+      with open(args.out, 'w') as f:
+        json.dump(out, f, indent=1)
   print_table(results, info)
-  out = {'device': info, 'args': vars(args), 'results': results}
   if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(out, f, indent=1)
     print(f'wrote {args.out}')
   return out
 

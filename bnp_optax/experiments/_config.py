@@ -211,7 +211,7 @@ class RunConfig:
   def resolved_learning_rate(self) -> tuple[float, str]:
     """The learning rate and where it comes from."""
     if self.learning_rate is not None:
-      return float(self.learning_rate), 'command line'
+      return float(self.learning_rate), "given (--lr, or the suite's rate)"
     return _methods.default_learning_rate(self.model, self.dataset,
                                           self.batch_size, self.method)
 

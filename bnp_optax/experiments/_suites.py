@@ -56,9 +56,21 @@ SUITES = {s.name: s for s in (
           ('vanilla', 'bn', 'renorm', 'ln', 'bnp'), 20),
     Suite('fig4-fc-bs1', 'Figure 4 right (FC)', 'fc', 'cifar10', 1,
           ('vanilla', 'bn', 'renorm', 'ln', 'bnp'), 20),
+    # The paper has no MNIST rates at batch size 1, and MNIST's batch-60
+    # rates (Table 2) make the vanilla network diverge here (0.1: chance
+    # after one epoch) and LN slower. Vanilla's and LN's rates were
+    # selected on a held-out split, one epoch, seed 0 (`suite mnist-bs1
+    # --methods vanilla --lr-grid 0.0005,0.005,0.05`; `--methods ln,bnp
+    # --lr-grid ln:0.01,0.1 --lr-grid bnp:0.1,0.5`): held-out accuracy
+    # vanilla 92.05 / 95.80 / 77.85%, LN 95.17 / 93.52%, BNP 96.07 /
+    # 96.08% (BNP keeps MNIST's 0.5). BN and Batch Renorm keep MNIST's
+    # BN rate (at batch size 1 BN's normalised activations are zero and its
+    # output constant, whatever the rate).
     Suite('mnist-bs1', 'FC on MNIST at batch size 1 (online learning)', 'fc',
           'mnist', 1, ('vanilla', 'bn', 'renorm', 'ln', 'bnp'), 1,
-          dict(evals_per_epoch=10)),
+          dict(evals_per_epoch=10),
+          method_settings=dict(vanilla=dict(learning_rate=5e-3),
+                               ln=dict(learning_rate=1e-2))),
     Suite('fig4-cnn-bs1', 'Figure 4 right (CNN)', 'cnn5', 'cifar10', 1,
           ('vanilla', 'bn', 'renorm', 'bnp', 'bn4'), 20),
     Suite('fig5-bs128', 'Figure 5 left', 'cnn5', 'cifar10', 128,

@@ -5,7 +5,7 @@ committed under ``docs/transformers/runs/<set>/<suite>/`` (``cpu``: the small
 run made on the project's 2-core machine; ``gpu``: the larger run of
 ``docs/transformers/gpu_run.sh``). For each set with runs this script
 selects every configuration's learning rate on the held-out split (the
-harness's rule, ``bnp_optax.experiments._sweep.select_best``), draws
+harness's rule, ``bnp_optax.experiments.select_best``), draws
 ``docs/_static/transformers/vit-<set>.png`` and rewrites the tables between
 the page's ``<!-- BEGIN numbers <set>-<table> -->`` and ``<!-- END ... -->``
 markers. ``--check`` rewrites nothing and fails if the page differs from
@@ -55,13 +55,13 @@ COMPARISONS = (
 
 def _select_best(scores):
   # The harness's rule, imported lazily so that --help needs no JAX.
-  from bnp_optax.experiments import _sweep  # pylint: disable=g-import-not-at-top
-  return _sweep.select_best(scores)
+  from bnp_optax import experiments  # pylint: disable=g-import-not-at-top
+  return experiments.select_best(scores)
 
 
 def _diverged(result):
-  from bnp_optax.experiments import _sweep  # pylint: disable=g-import-not-at-top
-  return _sweep.diverged(result)
+  from bnp_optax import experiments  # pylint: disable=g-import-not-at-top
+  return experiments.diverged(result)
 
 
 def load(run_set: str) -> list[dict]:

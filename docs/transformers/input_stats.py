@@ -23,8 +23,7 @@ import jax
 import numpy as np
 
 import bnp_optax
-from bnp_optax.experiments import _data
-from bnp_optax.experiments import _models
+from bnp_optax import experiments
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE / 'input_stats_cpu.json'
@@ -47,7 +46,7 @@ def kind(path: str) -> str:
 
 def measure(model_name: str, x: np.ndarray) -> dict:
   """Per projection kind: off-centre and scale spread of the inputs."""
-  model = _models.make_model(model_name, 'none', 10)
+  model = experiments.make_model(model_name, 'none', 10)
   variables = model.init(jax.random.key(0), x[:1])
   _, stats = jax.jit(lambda v, x: bnp_optax.linen.apply(model, v, x))(
       variables, x)
@@ -79,7 +78,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--data-dir', required=True)
   args = parser.parse_args(argv)
-  ds = _data.load('cifar10', args.data_dir)
+  ds = experiments.load_dataset('cifar10', args.data_dir)
   rng = np.random.default_rng(0)
   index = rng.choice(len(ds.x_train), BATCH, replace=False)
   x = ds.x_train[np.sort(index)].astype(np.float32) / 255.0
