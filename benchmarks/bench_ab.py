@@ -13,7 +13,12 @@ while the step is traced:
   the contraction ``c,abcd->d`` (before: XLA:CPU copied the kernel gradient
   into the kernel's layout and reduced its window slowly);
 - ``unfolded_stats``: statistics of tall inputs summed as ``(rows, C)``,
-  never folded (``statistics._fold_factor``).
+  never folded (``statistics._fold_factor``);
+- ``einsum_dense_absorb``: Dense layers' absorption as the contraction (a
+  matrix-vector product XLA:CPU compiles once per layer), convolutions as
+  now;
+- ``gemv_stats`` / ``no_gemv_stats``: column sums of inputs of at most 128
+  rows as a GEMV for every width / for none (now: 256 columns and more).
 
 Each variant is compiled ahead of time; then one step of each per round, in
 a rotating order. Reported: the median wall and process CPU time and the
@@ -48,9 +53,21 @@ def _einsum_absorbed_sum(view, scaled_mean, g_w):
       scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST)
 
 
+def _einsum_dense_absorbed_sum(view, scaled_mean, g_w):
+  if view.spatial:
+    return _REDUCED_ABSORBED_SUM(view, scaled_mean, g_w)
+  return _einsum_absorbed_sum(view, scaled_mean, g_w)
+
+
+_REDUCED_ABSORBED_SUM = transform._absorbed_sum  # pylint: disable=protected-access
+
 SUBSTITUTIONS = {
     'einsum_absorb': [(transform, '_absorbed_sum', _einsum_absorbed_sum)],
+    'einsum_dense_absorb': [
+        (transform, '_absorbed_sum', _einsum_dense_absorbed_sum)],
     'unfolded_stats': [(statistics, '_fold_factor', lambda rows: 1)],
+    'gemv_stats': [(statistics, '_CPU_GEMV_MIN_COLUMNS', 0)],
+    'no_gemv_stats': [(statistics, '_CPU_GEMV_MIN_COLUMNS', 1 << 62)],
 }
 
 

@@ -17,6 +17,8 @@ BatchNorm variants use and update batch statistics):
   case meant for a GPU. Its BatchNorm variant is the usual conv-BN-ReLU
   placement; the vanilla variant has no normalisation (and convolution
   biases, which BNP centres with).
+- ``ViT``: the small Vision Transformer of ``docs/transformers.md``
+  (LayerNorm), for the step ratios against SGD and AdamW.
 """
 
 from bnp_optax import experiments
@@ -51,3 +53,37 @@ def ResNet18(*, batch_norm: bool = False, num_classes: int = 10):
       norm=_norm(batch_norm), num_classes=num_classes,
       stage_sizes=(2, 2, 2, 2), stage_filters=(64, 128, 256, 512),
       conv_bias=not batch_norm, train=True)
+
+
+def DeepMLP(*, batch_norm: bool = False, num_classes: int = 10,
+            depth: int = 10, width: int = 32):
+  """A plain MLP of ``depth`` hidden Dense layers of ``width`` units, ReLU.
+
+  The compile-time depth cases: every hidden layer has the same shape, so
+  XLA can share the kernels of their identical per-layer computations.
+  """
+  return experiments.FullyConnected(
+      norm=_norm(batch_norm), hidden=(width,) * depth,
+      num_classes=num_classes, train=True)
+
+
+def CifarResNet(*, batch_norm: bool = False, num_classes: int = 10,
+                depth: int = 20):
+  """He et al.'s CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16-32-64."""
+  if (depth - 2) % 6:
+    raise ValueError(f'a CIFAR ResNet has depth 6n + 2, got {depth}')
+  n = (depth - 2) // 6
+  return experiments.ResNet(
+      norm=_norm(batch_norm), num_classes=num_classes, stage_sizes=(n,) * 3,
+      stage_filters=(16, 32, 64), conv_bias=not batch_norm, train=True)
+
+
+def ViT(*, batch_norm: bool = False, num_classes: int = 10):
+  """The small ViT of docs/transformers.md, with LayerNorm in both variants.
+
+  A Transformer has no BatchNorm variant: ``batch_norm`` is ignored, and
+  the comparison is between base optimizers (``sgd``, ``adamw``) and BNP
+  before them.
+  """
+  del batch_norm
+  return experiments.make_model('vit', 'none', num_classes)

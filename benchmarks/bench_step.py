@@ -5,6 +5,7 @@ Run from the repository root::
   python benchmarks/bench_step.py                      # FC and CNN cases
   python benchmarks/bench_step.py --cases fc60 cnn128 --steps 500
   python benchmarks/bench_step.py --cases resnet      # meant for a GPU
+  python benchmarks/bench_step.py --cases vit --variants sgd bnp adamw bnp_adamw
   python benchmarks/bench_step.py --out results.json --hlo-dir hlo/
 
 For every case, each variant's step (forward, backward, optimizer update,
@@ -102,7 +103,19 @@ def _cases(on_gpu: bool, resnet_batch: int | None) -> dict[str, Case]:
       Case('cnn128same', same, (32, 32, 3), 128, 100),
       Case('resnet18', resnet, (32, 32, 3), 32, 10),
       Case('resnet', resnet, (32, 32, 3), resnet_batch, 100 if on_gpu else 3),
+      # The ViT of docs/transformers.md (LayerNorm in every variant).
+      Case('vit128', bench_models.ViT, (32, 32, 3), 128, 30),
   ]
+  # Depth: compile time and kernels as the number of layers grows.
+  for depth in (10, 50, 100, 300):
+    cases.append(Case(
+        f'mlp{depth}', functools.partial(bench_models.DeepMLP, depth=depth),
+        (32,), 32, 200))
+  for depth in (20, 56, 110):
+    cases.append(Case(
+        f'resnet{depth}',
+        functools.partial(bench_models.CifarResNet, depth=depth),
+        (32, 32, 3), 16, 5))
   return {c.name: c for c in cases}
 
 
@@ -117,15 +130,20 @@ GROUPS = {
     # The cases of the performance issue: large feature maps, ResNet-18.
     'targets': ['cnn128', 'cnn128same', 'resnet18', 'fc60w4096'],
     'table1': ['table1-bs16', 'table1-bs256', 'table1-bs512'],
+    # Compile time and kernel counts against depth (MLP width 32, batch 32;
+    # CIFAR ResNets, batch 16).
+    'depth': ['mlp10', 'mlp50', 'mlp100', 'mlp300', 'resnet20', 'resnet56',
+              'resnet110'],
+    'vit': ['vit128'],
 }
 
 
 # A variant is a function (case, params_vanilla, params_bn) returning the
 # step function and its initial state; step(state, x, y) -> (state, loss).
-def sgd_variant(case, vanilla, bn_vars):
+def sgd_variant(case, vanilla, bn_vars, tx=None):
   del bn_vars
   model = case.model(batch_norm=False)
-  tx = optax.sgd(LEARNING_RATE)
+  tx = tx or optax.sgd(LEARNING_RATE)
 
   def step(state, x, y):
     params, opt_state = state
@@ -138,10 +156,16 @@ def sgd_variant(case, vanilla, bn_vars):
   return step, (vanilla, tx.init(vanilla))
 
 
-def bnp_variant(case, vanilla, bn_vars):
+def bnp_variant(case, vanilla, bn_vars, base=None):
+  """BNP + SGD, or BNP chained before ``base`` (e.g. AdamW)."""
   del bn_vars
   model = case.model(batch_norm=False)
-  tx = bnp_optax.bnp(LEARNING_RATE)
+  # Layouts up front: needed for DenseGeneral kernels (the ViT's attention).
+  specs = bnp_optax.linen.layer_specs(
+      model, {'params': vanilla},
+      jax.ShapeDtypeStruct((case.batch_size, *case.input_shape), jnp.float32))
+  tx = (bnp_optax.bnp(LEARNING_RATE, layer_specs=specs) if base is None else
+        optax.chain(bnp_optax.scale_by_bnp(layer_specs=specs), base))
 
   def step(state, x, y):
     params, opt_state = state
@@ -218,6 +242,9 @@ VARIANTS: dict[str, Callable[..., Any]] = {
     'bnp': bnp_variant,
     'bn': bn_variant,
     'sgdstats': sgd_stats_variant,
+    'adamw': functools.partial(sgd_variant, tx=optax.adamw(LEARNING_RATE)),
+    'bnp_adamw': functools.partial(bnp_variant,
+                                   base=optax.adamw(LEARNING_RATE)),
 }
 
 
@@ -279,13 +306,30 @@ def _float_count(tree) -> int:
   )
 
 
-def _expected_bnp_floats(params) -> int:
-  """Two vectors of fan-in features per layer with a kernel of ndim >= 2."""
+def _expected_bnp_floats(params, specs=None) -> int:
+  """Two vectors of fan-in features per layer with a kernel of ndim >= 2.
+
+  ``specs`` (``{layer path: LayerSpec}``) give the fan-in of kernels that
+  are not Dense/Conv kernels (DenseGeneral).
+  """
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2:
+    layer = '/'.join(str(getattr(k, 'key', k)) for k in path[:-1])
+    spec = (specs or {}).get(layer)
+    if (getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2
+        and spec is not None and leaf.ndim > 2 and not spec.spatial_axes):
+      axes = spec.independent_axes + spec.fan_in_axes
+      total += 2 * math.prod(leaf.shape[a] for a in axes)
+    elif getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2:
       total += 2 * (leaf.shape[0] if leaf.ndim == 2 else leaf.shape[-2])
   return total
+
+
+def _layer_count(params) -> int:
+  """The layers BNP preconditions: kernels of ndim >= 2."""
+  return sum(
+      1 for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+      if getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2)
 
 
 def _copy(tree):
@@ -361,7 +405,8 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
       compile_cpu_s[name].append(c2 - c0)
 
   result = {'case': case.name, 'batch_size': case.batch_size,
-            'input_shape': list(case.input_shape), 'variants': {}}
+            'input_shape': list(case.input_shape),
+            'layers': _layer_count(vanilla), 'variants': {}}
   for name in variants:
     c = compiled[name]
     text = c.as_text()
@@ -383,8 +428,9 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
         'opt_state_floats': _float_count(opt_state),
         'param_floats': _float_count(states[name][0]),
     }
-    if name not in ('sgd', 'bn', 'sgdstats'):  # a BNP variant
-      expected = _expected_bnp_floats(vanilla)
+    if name not in ('sgd', 'bn', 'sgdstats', 'adamw', 'bnp_adamw'):  # BNP
+      expected = _expected_bnp_floats(vanilla, bnp_optax.linen.layer_specs(
+          case.model(batch_norm=False), {'params': vanilla}, x))
       got = _float_count(opt_state)
       result['variants'][name]['opt_state_expected_floats'] = expected
       assert got == expected, (
@@ -420,6 +466,9 @@ def run_case(case, variants, *, steps, warmup, compile_reps, hlo_dir, seed):
     # beyond the dispatch of one executable.
     v['jit_cache_size'] = int(jitted[name]._cache_size())
   result['ratios'] = _ratios(times, result['variants'], cpu_times)
+  for q in result['ratios'].values():
+    if isinstance(q, dict):
+      q['kernels_added_per_layer'] = q['kernels_added'] / result['layers']
   return result
 
 
@@ -428,7 +477,8 @@ def _ratios(times, v, cpu_times=None) -> dict[str, Any]:
   names = list(times)
   for a in names:
     for b in names:
-      if a == b or b not in ('sgd', 'bn') or (a == 'sgd' and b == 'bn'):
+      if a == b or b not in ('sgd', 'bn', 'adamw') or (
+          a == 'sgd' and b == 'bn') or (b == 'adamw' and a != 'bnp_adamw'):
         continue
       ta, tb = np.asarray(times[a]), np.asarray(times[b])
       out[f'{a}/{b}'] = {
@@ -443,6 +493,7 @@ def _ratios(times, v, cpu_times=None) -> dict[str, Any]:
           'compile': (v[a]['lower_s'] + v[a]['compile_s'])
           / (v[b]['lower_s'] + v[b]['compile_s']),
           'compile_cpu': v[a]['compile_cpu_s'] / v[b]['compile_cpu_s'],
+          'kernels_added': v[a]['hlo']['kernels'] - v[b]['hlo']['kernels'],
       }
   if {'sgd', 'bn'} <= set(names):
     bn_over = v['bn']['median_ms'] - v['sgd']['median_ms']
@@ -493,7 +544,9 @@ def print_table(results, info) -> None:
         print(f"{'':<13}{k:<20} median ratio {q['of_medians']:.3f}, paired "
               f"{q['paired']:.3f}, p10 {q['of_p10']:.3f}, CPU time paired "
               f"{q['paired_cpu']:.3f}, compile {q['compile']:.2f} (CPU "
-              f"time {q['compile_cpu']:.2f})")
+              f"time {q['compile_cpu']:.2f}), kernels "
+              f"{q['kernels_added']:+d} ({q['kernels_added_per_layer']:+.1f} "
+              f"per layer of {r['layers']})")
       else:
         print(f"{'':<13}{k:<20} {q:.3f}")
     print()
@@ -504,7 +557,7 @@ def main(argv=None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--cases', nargs='+', default=['default'],
                  help='case names (see _cases) or groups (fc, cnn, default, '
-                 'all, scaling, targets, table1)')
+                 'all, scaling, targets, table1, depth)')
   p.add_argument('--variants', nargs='+', default=['sgd', 'bnp', 'bn'],
                  help=f'any of {sorted(VARIANTS)}')
   p.add_argument('--steps', type=int, default=None,
@@ -544,11 +597,12 @@ def main(argv=None) -> dict[str, Any]:
         case, args.variants, steps=steps, warmup=args.warmup,
         compile_reps=args.compile_reps, hlo_dir=args.hlo_dir, seed=args.seed,
     ))
+    out = {'device': info, 'args': vars(args), 'results': results}
+    if args.out:  # after every case, so that a run cut short keeps them
+      with open(args.out, 'w') as f:
+        json.dump(out, f, indent=1)
   print_table(results, info)
-  out = {'device': info, 'args': vars(args), 'results': results}
   if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(out, f, indent=1)
     print(f'wrote {args.out}')
   return out
 

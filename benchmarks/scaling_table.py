@@ -1,4 +1,4 @@
-"""The scaling table of RESULTS.md, rendered from bench_step.py's JSON.
+"""The scaling and depth tables of RESULTS.md, from bench_step.py's JSON.
 
 BNP's overhead per step as the work grows: MLP width 100 -> 4096 (batch 60),
 FC batch 1 -> 512, CNN batch 2 -> 256, and the performance issue's cases.
@@ -11,7 +11,9 @@ Usage::
 
   python benchmarks/bench_step.py --cases scaling cnn128same resnet18 \\
       --compile-reps 2 --out benchmarks/results_scaling_cpu.json
-  python benchmarks/scaling_table.py            # rewrite RESULTS.md's table
+  python benchmarks/bench_step.py --cases depth --variants sgd bnp \\
+      --compile-reps 2 --out benchmarks/results_depth_cpu.json
+  python benchmarks/scaling_table.py            # rewrite RESULTS.md's tables
   python benchmarks/scaling_table.py --check
 """
 
@@ -23,8 +25,23 @@ import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS_JSON = HERE / 'results_scaling_cpu.json'
+DEPTH_BEFORE_JSON = HERE / 'results_depth_before_cpu.json'
+DEPTH_JSON = HERE / 'results_depth_cpu.json'
 RESULTS_MD = HERE / 'RESULTS.md'
 START, END = '<!-- scaling-table-start -->', '<!-- scaling-table-end -->'
+DEPTH_START = '<!-- depth-table-start -->'
+DEPTH_END = '<!-- depth-table-end -->'
+
+# The depth cases: (case, what it is).
+DEPTH_ORDER = (
+    ('mlp10', 'MLP 32x10'),
+    ('mlp50', 'MLP 32x50'),
+    ('mlp100', 'MLP 32x100'),
+    ('mlp300', 'MLP 32x300'),
+    ('resnet20', 'ResNet-20'),
+    ('resnet56', 'ResNet-56'),
+    ('resnet110', 'ResNet-110'),
+)
 
 # What grows from one case to the next, in the order of the table.
 ORDER = (
@@ -85,11 +102,61 @@ def render(bench: dict) -> str:
   return '\n'.join(lines)
 
 
-def replace_block(text: str, table: str) -> str:
-  pattern = re.compile(re.escape(START) + r'\n.*?' + re.escape(END), re.S)
+def _compile_cpu(v: dict) -> float:
+  return v['compile_cpu_s']
+
+
+def render_depth(before: dict, after: dict) -> str:
+  """The depth table: compile time and kernels before and after the change."""
+  old = {r['case']: r for r in before['results']}
+  new = {r['case']: r for r in after['results']}
+  missing = [c for c, _ in DEPTH_ORDER if c not in old or c not in new]
+  if len(missing) == len(DEPTH_ORDER):
+    raise ValueError('the depth JSONs have no case in common')
+  device = after.get('device', {})
+  lines = [
+      f'Measured on {device.get("platform", "?")} '
+      f'({device.get("cpu_count", "?")} CPU cores, jax '
+      f'{device.get("jax", "?")}), before (`{DEPTH_BEFORE_JSON.name}`) and '
+      f'after (`{DEPTH_JSON.name}`) the change, in two runs; compile: '
+      'process CPU time of trace + lower + compile (SGD: the after run), '
+      'the median of the fresh compilations of each run (`compile_reps`); '
+      'kernels: top-level ops of the compiled step; step: median of '
+      'per-round paired ratios of process CPU time.',
+      '',
+      '| case | layers | batch | compile CPU s SGD | BNP before / after | '
+      'compile BNP/SGD before / after | kernels SGD | BNP before / after | '
+      'added per layer before / after | step BNP/SGD before / after |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for case, what in DEPTH_ORDER:
+    if case in missing:
+      continue
+    o, n = old[case], new[case]
+    qo, qn = o['ratios']['bnp/sgd'], n['ratios']['bnp/sgd']
+    vo, vn = o['variants'], n['variants']
+    layers = n.get('layers') or o.get('layers')
+    added = lambda v, layers=layers: (
+        v['bnp']['hlo']['kernels'] - v['sgd']['hlo']['kernels']) / layers
+    lines.append(
+        f'| {what} | {layers} | {n["batch_size"]} | '
+        f'{_compile_cpu(vn["sgd"]):.2f} | '
+        f'{_compile_cpu(vo["bnp"]):.2f} / {_compile_cpu(vn["bnp"]):.2f} | '
+        f'{qo["compile_cpu"]:.2f} / {qn["compile_cpu"]:.2f} | '
+        f'{vn["sgd"]["hlo"]["kernels"]} | '
+        f'{vo["bnp"]["hlo"]["kernels"]} / {vn["bnp"]["hlo"]["kernels"]} | '
+        f'{added(vo):.1f} / {added(vn):.1f} | '
+        f'{qo["paired_cpu"]:.3f} / {qn["paired_cpu"]:.3f} |')
+  if missing:
+    lines += ['', f'Not measured in both runs: {", ".join(missing)}.']
+  return '\n'.join(lines)
+
+
+def replace_block(text: str, table: str, start: str = START,
+                  end: str = END) -> str:
+  pattern = re.compile(re.escape(start) + r'\n.*?' + re.escape(end), re.S)
   if not pattern.search(text):
-    raise ValueError(f'{RESULTS_MD.name} lacks the markers {START} / {END}')
-  return pattern.sub(lambda _: f'{START}\n{table}\n{END}', text)
+    raise ValueError(f'{RESULTS_MD.name} lacks the markers {start} / {end}')
+  return pattern.sub(lambda _: f'{start}\n{table}\n{end}', text)
 
 
 def main(argv=None) -> int:
@@ -100,6 +167,11 @@ def main(argv=None) -> int:
   table = render(json.loads(RESULTS_JSON.read_text()))
   text = RESULTS_MD.read_text()
   new = replace_block(text, table)
+  if DEPTH_JSON.is_file():
+    depth = render_depth(json.loads(DEPTH_BEFORE_JSON.read_text()),
+                         json.loads(DEPTH_JSON.read_text()))
+    new = replace_block(new, depth, DEPTH_START, DEPTH_END)
+    table += '\n\n' + depth
   if args.check:
     if new != text:
       print(f'{RESULTS_MD} is out of date: run python {__file__}',

@@ -15,6 +15,7 @@ from bnp_optax._src.accumulate import multi_steps
 from bnp_optax._src.alias import bnp
 from bnp_optax._src.layers import describe_coverage
 from bnp_optax._src.layers import LeafLayer
+from bnp_optax._src.layers import NotPreconditioned
 from bnp_optax._src.layout import LayerSpec
 from bnp_optax._src.statistics import all_reduce_statistics
 from bnp_optax._src.statistics import input_statistics
@@ -41,6 +42,7 @@ __all__ = [
     'LayerSpec',
     'LayerStats',
     'LeafLayer',
+    'NotPreconditioned',
     'RunningStats',
     'ScaleByBNPState',
     'all_reduce_statistics',

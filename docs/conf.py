@@ -1,9 +1,10 @@
 """Sphinx configuration: autosummary + napoleon + myst-nb, as optax does.
 
-The notebooks live in ``notebooks/`` at the repository root, without
-outputs; they are copied into ``docs/_notebooks`` here and executed by
-myst-nb during every build, so they cannot go stale. The build needs no
-network.
+The notebooks live in ``notebooks/`` at the repository root, with the
+outputs of their last build stored (``bash scripts/docs.sh`` writes them back;
+``tests/test_docs.py`` checks that they are current); they are copied into
+``docs/_notebooks`` here and executed again by myst-nb during every build, so
+the site cannot go stale. The build needs no network.
 """
 
 import os
@@ -70,6 +71,21 @@ def _write_api_lists() -> None:
 
 _write_api_lists()
 
+
+def _remove_stale_stubs() -> None:
+  """Stub pages of names no longer public go (they fail -W as orphans)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  current = {f'{name}.{symbol}.rst' for name in API_MODULES
+             for symbol in importlib.import_module(name).__all__}
+  stubs = pathlib.Path(__file__).resolve().parent / '_autosummary'
+  for stub in stubs.glob('*.rst'):
+    if stub.name not in current:
+      stub.unlink()
+
+
+_remove_stale_stubs()
+
 project = 'bnp_optax'
 author = 'bnp_optax authors'
 copyright = '2026, bnp_optax authors'  # pylint: disable=redefined-builtin
@@ -102,11 +118,14 @@ napoleon_use_ivar = True
 myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence']
 myst_heading_anchors = 3
 
-# Execute every notebook and code-cell page on every build; an error fails
-# the build.
+# Execute every notebook and code-cell page on every build. A cell that
+# raises is reported as a warning carrying the cell's traceback (with
+# `nb_execution_raise_on_error = True` myst-nb raises instead and the console
+# shows only the notebook's path), and `-W` turns that warning into a failed
+# build.
 nb_execution_mode = 'force'
 nb_execution_timeout = 600
-nb_execution_raise_on_error = True
+nb_execution_raise_on_error = False
 nb_execution_show_tb = True
 nb_merge_streams = True
 

@@ -13,10 +13,13 @@ out=results/main-job
 new="results/.main-job.$$"
 trap 'rm -rf "$new"' EXIT
 status=0
+echo "training into $new/ (it replaces $out/ when the job succeeds)"
 python -m bnp_optax.experiments suite digits --out "$new" "$@" || status=$?
 if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 rm -rf "$out"
 mv "$new" "$out"
-echo "results (JSON, figure) in $out/"
+echo
+echo "The job trained into $new/ and moved it to $out/; the files are:"
+find "$out" -type f \( -name '*.json' -o -name '*.png' \) | sort | sed 's/^/  /'

@@ -118,14 +118,75 @@ def test_layer_specs_naming_unknown_layer(setup):
     ('ConvTranspose', 'a transposed convolution sees a zero-dilated input'),
     ('ConvLocal', 'its kernel differs at every position'),
 ])
-def test_unsupported_convolutions_are_refused_by_name(layer, name):
+def test_unsupported_convolutions_pass_through_with_their_reason(layer,
+                                                                  name):
   import flax.linen as nn
-  model = nn.Sequential([getattr(nn, layer)(4, (3, 3))])
-  x = jnp.ones((2, 5, 5, 4))
-  variables = model.init(jax.random.key(0), x)
-  with pytest.raises(NotImplementedError, match=re.escape(
-      f"layer 'layers_0' is a {layer}, which BNP does not support ({name})")):
-    bnp_optax.linen.apply(model, variables, x)
+  model = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu,
+                         getattr(nn, layer)(4, (3, 3))])
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4)) + 2
+  params = model.init(jax.random.key(0), x)['params']
+  tx = bnp_optax.bnp(0.1)
+
+  def loss(p):
+    y, stats = bnp_optax.linen.apply(model, {'params': p}, x)
+    return jnp.mean(y ** 2), stats
+
+  grads, stats = jax.jit(jax.grad(loss, has_aux=True))(params)
+  assert stats['layers_2'] == bnp_optax.NotPreconditioned(
+      stats['layers_2'].reason)
+  coverage = bnp_optax.describe_coverage(params, stats)
+  assert coverage['layers_2/kernel'].startswith(
+      f'pass-through: a {layer}, which BNP does not precondition ({name})')
+  assert coverage['layers_0/kernel'] == 'conv kernel'
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params,
+                                  layer_stats=stats)
+  jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -0.1 * g,
+                                                       rtol=1e-6),
+               updates['layers_2'], grads['layers_2'])
+  assert not np.allclose(updates['layers_0']['kernel'],
+                         -0.1 * grads['layers_0']['kernel'])
+
+
+def test_linen_decoder_with_transposed_conv_matches_the_tracing_route():
+  import flax.linen as nn
+
+  class Decoder(nn.Module):  # a U-Net/GAN-style upsampling block
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(3, (3, 3))(x))
+      x = nn.relu(nn.ConvTranspose(3, (2, 2), strides=(2, 2))(x))
+      return nn.Conv(2, (3, 3))(x)
+
+  model = Decoder()
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2), jnp.float64) * 3
+    params = jax.tree.map(lambda p: p.astype(jnp.float64),
+                          model.init(jax.random.key(0), x)['params'])
+    loss = lambda y: jnp.sum(jnp.sin(y))
+
+    def linen_step(p):
+      def f(p):
+        y, stats = bnp_optax.linen.apply(model, {'params': p}, x)
+        return loss(y), stats
+      grads, stats = jax.grad(f, has_aux=True)(p)
+      tx = bnp_optax.scale_by_bnp()
+      return tx.update(grads, tx.init(p), layer_stats=stats)[0]
+
+    def tracing_step(p):
+      fn = lambda p, x: model.apply({'params': p}, x)
+      specs = bnp_optax.tracing.layer_specs(fn, p, x)
+      assert 'ConvTranspose_0/kernel' not in specs  # stride 2: passed
+      def f(p):
+        y, stats = bnp_optax.tracing.apply(fn, p, x)
+        return loss(y), stats
+      grads, stats = jax.grad(f, has_aux=True)(p)
+      tx = bnp_optax.scale_by_bnp(layer_specs=specs)
+      return tx.update(grads, tx.init(p), layer_stats=stats)[0]
+
+    got, want = jax.jit(linen_step)(params), jax.jit(tracing_step)(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12,
+                                                         atol=1e-14),
+                 got, want)
 
 
 def test_dense_general_without_layer_specs_says_what_to_do():
@@ -140,3 +201,46 @@ def test_dense_general_without_layer_specs_says_what_to_do():
       'but the layer, a dense kernel (5, 2, 4)')) as info:
     tx.update(params, tx.init(params), layer_stats=stats)
   assert 'bnp_optax.linen.layer_specs(model, variables, x)' in str(info.value)
+
+
+@pytest.mark.parametrize('params', [
+    {'a/w': jnp.ones((3, 2)), 'a': {'w': jnp.ones((3, 2))}},
+    {'a/b': {'kernel': jnp.ones((3, 2))}, 'a': {'b': {'kernel': jnp.ones(
+        (3, 2))}}},
+])
+def test_colliding_path_names_are_an_error_naming_both(params):
+  specs = None
+  if 'a/w' in params:  # plain JAX: layers given by kernel leaf path
+    specs = {'a/w': bnp_optax.LeafLayer(bnp_optax.LayerSpec((), (0,)))}
+  tx = bnp_optax.scale_by_bnp(layer_specs=specs)
+  for call in (lambda: tx.init(params),
+               lambda: bnp_optax.describe_coverage(params, layer_specs=specs)):
+    with pytest.raises(ValueError, match=re.escape(
+        "are both named 'a/")) as info:
+      call()
+    assert "['a/" in str(info.value) and "['a']" in str(info.value)
+
+
+def test_colliding_statistics_names_are_an_error():
+  stats = bnp_optax.input_statistics(jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match=re.escape("are both named 'a/b'")):
+    bnp_optax.describe_coverage(
+        {'a': {'b': {'kernel': jnp.ones((3, 2))}}},
+        {'a/b': stats, 'a': {'b': stats}})
+
+
+def test_stride_one_conv_transpose_routes_as_the_readme_says():
+  import flax.linen as nn
+  model = nn.Sequential([nn.ConvTranspose(3, (3, 3)), nn.relu,
+                         nn.ConvTranspose(2, (2, 2), strides=(2, 2))])
+  x = jnp.ones((2, 4, 4, 2))
+  params = model.init(jax.random.key(0), x)['params']
+  fn = lambda p, x: model.apply({'params': p}, x)
+  roles = bnp_optax.tracing.describe(fn, params, x)
+  assert roles['layers_0/kernel'] == 'conv kernel'  # an ordinary conv
+  assert roles['layers_2/kernel'].startswith('pass-through')
+  _, stats = bnp_optax.linen.apply(model, {'params': params}, x)
+  coverage = bnp_optax.describe_coverage(params, stats)
+  for layer in ('layers_0', 'layers_2'):  # refused by type
+    assert coverage[f'{layer}/kernel'].startswith(
+        'pass-through: a ConvTranspose')

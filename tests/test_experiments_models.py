@@ -135,7 +135,25 @@ def test_default_learning_rates_follow_the_tables():
   assert lr('fc', 'cifar10', 6, 'renorm')[0] == 5e-2
   assert lr('cnn5', 'cifar10', 2, 'bnp') == (1e-2, 'Table 3: cnn5, cifar10, '
                                              'batch size 2')
-  assert lr('fc', 'mnist', 1, 'bnp')[0] == 1e-1  # From CIFAR-10, batch 1.
+  # MNIST's own rate (batch 60) at batch 1, not CIFAR-10's batch-1 rate.
+  assert lr('fc', 'mnist', 1, 'bnp') == (
+      5e-1, 'Table 2: fc, mnist, batch size 60 (nearest batch size)')
   value, source = lr('fc', 'mnist', 60, 'gn')
   assert value == 5e-1 and 'BN rate' in source
   assert lr('fc', 'mnist', 60, 'bnp_gn')[1].startswith('default')
+
+
+@pytest.mark.parametrize('method', ['vanilla', 'bn', 'renorm', 'ln', 'bnp'])
+def test_learning_rates_are_never_borrowed_across_datasets_silently(method):
+  """MNIST at batch 1 ran vanilla at CIFAR-10's 0.0005 (issue 25)."""
+  lr = _methods.default_learning_rate
+  rate, source = lr('fc', 'mnist', 1, method)
+  assert 'Table 2: fc, mnist, batch size 60' in source, source
+  expected = _methods.LEARNING_RATES['fc', 'mnist', 60]
+  assert rate == expected.get(method, expected['bn'])
+  # digits takes MNIST's rates and says so.
+  assert lr('fc', 'digits', 1, method) == (
+      rate, source + ' (mnist rate, for digits)')
+  # A dataset without any entry for the model borrows loudly.
+  rate, source = lr('cnn5', 'mnist', 1, method)
+  assert 'borrowed from cifar10' in source and '--lr' in source, source

@@ -530,6 +530,13 @@ def test_main_job_replaces_its_results(tmp_path):
   assert 'stale-run.json' not in names
   assert len([n for n in names if n.endswith('.json')]) == 1
   assert 'digits.png' in names
+  # The last lines name the files where they are now, not the temporary
+  # folder the harness wrote them into (issue 25).
+  final = done.stdout[done.stdout.rindex('the files are:'):]
+  assert 'results/main-job/digits/digits.png' in final, done.stdout
+  assert f'results/main-job/digits/{names[0]}' in final or any(
+      f'results/main-job/digits/{n}' in final for n in names)
+  assert '.main-job.' not in final
   # A run that fails keeps the previous results.
   done = subprocess.run(['bash', str(scripts / 'main_job.sh'), '--rho', '2'],
                         capture_output=True, text=True, timeout=180,

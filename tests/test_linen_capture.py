@@ -265,3 +265,54 @@ def test_register_layer_takes_a_spec_fn_as_nnx_does(keyword):
       "layer '<root>': its statistics record the spec")):
     bnp_optax.linen.apply(Grouped(), variables, x)
 
+
+class DotReluDot(nn.Module):
+  """The block of Flax's pjit guide: a Dense, then a raw ``self.param``."""
+  depth: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Dense(self.depth, use_bias=False,
+                 kernel_init=nn.with_partitioning(
+                     nn.initializers.xavier_normal(), (None, 'model')))(x)
+    y = jax.nn.relu(y)
+    w2 = self.param('W2', nn.with_partitioning(
+        nn.initializers.xavier_normal(), ('model', None)),
+        (self.depth, x.shape[-1]))
+    return jnp.dot(y, w2), None
+
+
+class PjitMLP(nn.Module):
+  num_layers: int = 2
+  depth: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.num_layers):
+      x, _ = DotReluDot(self.depth)(x)
+    return x
+
+
+def test_coverage_names_raw_parameters_with_reason_and_route():
+  model = PjitMLP()
+  x = jnp.arange(12.0).reshape(3, 4)
+  params = nn.meta.unbox(model.init(jax.random.key(0), x)['params'])
+  _, stats = bnp_optax.linen.apply(model, {'params': params}, x)
+  coverage = bnp_optax.describe_coverage(params, stats)
+  for i in range(2):
+    assert coverage[f'DotReluDot_{i}/Dense_0/kernel'] == 'dense kernel'
+    reason = coverage[f'DotReluDot_{i}/W2']
+    assert reason.startswith(
+        'pass-through: a parameter of DotReluDot, which is not a registered '
+        'layer type')
+    assert 'bnp_optax.tracing.apply(model.apply, variables, x)' in reason
+    assert 'bnp_optax.linen.register_layer' in reason
+  # The route named there does see it.
+  fn = lambda p, x: model.apply({'params': p}, x)
+  assert bnp_optax.tracing.describe(fn, params, x)['DotReluDot_0/W2'] == (
+      'dense kernel')
+  # And the optimizer passes it through, preconditioning the rest.
+  tx = bnp_optax.scale_by_bnp()
+  updates, _ = tx.update(params, tx.init(params), layer_stats=stats)
+  np.testing.assert_array_equal(updates['DotReluDot_0']['W2'],
+                                params['DotReluDot_0']['W2'])

@@ -141,3 +141,59 @@ def test_pmap_with_axis_name():
       replicate(params), replicate(state), shard(x), shard(y))
   _assert_trees_close(jax.tree.map(lambda a: a[0], got_params), want_params)
   _assert_trees_close(jax.tree.map(lambda a: a[0], got_state), want_state)
+
+
+@pytest.mark.parametrize('mapping', ['shard_map', 'pmap'])
+def test_tracing_apply_with_axis_name_combines_devices_exactly(mapping):
+  model = CNN()
+  x, y = _data()
+  params = model.init(jax.random.key(0), x[:1])['params']
+  fn = lambda p, x: model.apply({'params': p}, x)
+  tx = bnp_optax.bnp(0.1, layer_specs=bnp_optax.tracing.layer_specs(
+      fn, params, x))
+  state = tx.init(params)
+
+  def loss(params, x, y, axis_name=None):
+    out, stats = bnp_optax.tracing.apply(fn, params, x, axis_name=axis_name)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        out, y)), stats
+
+  def reference(params, state, x, y):
+    grads, stats = jax.grad(loss, has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, layer_stats=stats)
+    return optax.apply_updates(params, updates), state, stats
+
+  want = jax.jit(reference)(params, state, x, y)
+
+  def device_step(params, state, x, y):
+    if mapping == 'shard_map':
+      # The global mean loss: shard_map's gradient of the replicated
+      # parameters is then the global gradient on every device.
+      def global_loss(params):
+        value, stats = loss(params, x, y, axis_name='batch')
+        return jax.lax.pmean(value, 'batch'), stats
+      grads, stats = jax.grad(global_loss, has_aux=True)(params)
+    else:
+      grads, stats = jax.grad(functools.partial(loss, axis_name='batch'),
+                              has_aux=True)(params, x, y)
+      grads = jax.lax.pmean(grads, 'batch')
+    updates, state = tx.update(grads, state, params, layer_stats=stats)
+    return optax.apply_updates(params, updates), state, stats
+
+  if mapping == 'shard_map':
+    mesh = jax.make_mesh((NUM_DEVICES,), ('batch',))
+    step = jax.jit(jax.shard_map(
+        device_step, mesh=mesh, in_specs=(P(), P(), P('batch'), P('batch')),
+        out_specs=(P(), P(), P())))
+    on = lambda spec, t: jax.device_put(t, NamedSharding(mesh, spec))
+    got = step(on(P(), params), on(P(), state), on(P('batch'), x),
+              on(P('batch'), y))
+  else:
+    replicate = lambda t: jax.tree.map(
+        lambda a: jnp.broadcast_to(a, (NUM_DEVICES, *a.shape)), t)
+    shard = lambda a: a.reshape(NUM_DEVICES, -1, *a.shape[1:])
+    got = jax.pmap(device_step, axis_name='batch')(
+        replicate(params), replicate(state), shard(x), shard(y))
+    got = jax.tree.map(lambda a: a[0], got)
+  assert float(got[2]['Dense_0/kernel'].batch_size) == len(x)
+  _assert_trees_close(got, want)

@@ -121,17 +121,42 @@ def test_linear_general_and_grouped_conv_need_and_get_layer_specs():
   assert losses[-1] < losses[0]
 
 
-def test_conv_transpose_is_refused_by_name():
+def test_conv_transpose_is_passed_through_with_its_reason():
   class Up(nnx.Module):
     def __init__(self, rngs):
-      self.up = nnx.ConvTranspose(2, 2, (3, 3), rngs=rngs)
+      self.conv = nnx.Conv(2, 2, (3, 3), rngs=rngs)
+      self.up = nnx.ConvTranspose(2, 2, (3, 3), strides=2, rngs=rngs)
 
     def __call__(self, x):
-      return self.up(x)
+      return self.up(nnx.relu(self.conv(x)))
 
-  with pytest.raises(NotImplementedError, match=re.escape(
-      "layer 'up' is a ConvTranspose, which BNP does not support")):
-    bnp_optax.nnx.apply(Up(nnx.Rngs(0)), jnp.ones((1, 4, 4, 2)))
+  model = Up(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2)) + 3
+  optimizer = nnx.Optimizer(model, bnp_optax.bnp(0.1), wrt=nnx.Param)
+
+  def loss_fn(model):
+    out, layer_stats = bnp_optax.nnx.apply(model, x)
+    return jnp.mean(out ** 2), layer_stats
+
+  (_, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  assert isinstance(stats['up'], bnp_optax.NotPreconditioned)
+  params = nnx.state(model, nnx.Param)
+  coverage = bnp_optax.describe_coverage(params, stats)
+  assert coverage['up/kernel'].startswith(
+      'pass-through: a ConvTranspose, which BNP does not precondition (a '
+      'transposed convolution sees a zero-dilated input)')
+  assert coverage['conv/kernel'] == 'conv kernel'
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  optimizer.update(model, grads, layer_stats=stats)
+  after = nnx.state(model, nnx.Param)
+  # SGD on the transposed conv, BNP on the conv.
+  np.testing.assert_allclose(
+      after['up']['kernel'][...],
+      before['up']['kernel'][...] - 0.1 * grads['up']['kernel'][...],
+      rtol=1e-6)
+  assert not np.allclose(
+      after['conv']['kernel'][...],
+      before['conv']['kernel'][...] - 0.1 * grads['conv']['kernel'][...])
 
 
 def test_layer_outside_the_model_is_an_error():
@@ -281,3 +306,109 @@ def test_layer_specs_come_from_the_registry():
   assert set(specs) == {'wide', 'grouped'}  # not the refused ConvTranspose
   assert specs['wide'].fan_in_axes == (0, 1)
   assert specs['grouped'] is spec
+
+
+class _ScanBlock(nnx.Module):
+  def __init__(self, dim, *, rngs):
+    self.linear = nnx.Linear(dim, dim, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x):
+    return jax.nn.gelu(self.linear(x))
+
+
+class _ScanMLP(nnx.Module):
+  """Flax's NNX scan over layers: blocks built by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self, dim, *, n_layers, rngs):
+    self.n_layers = n_layers
+
+    @nnx.split_rngs(splits=n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create_block(rngs):
+      return _ScanBlock(dim, rngs=rngs)
+
+    self.layers = create_block(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def scan_fn(x, block):
+      return block(x)
+
+    return scan_fn(x, self.layers)
+
+
+class _UnrolledMLP(nnx.Module):
+  def __init__(self, blocks):
+    self.blocks = nnx.List(blocks)
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+
+def _train(model, x, steps=3):
+  tx = bnp_optax.scale_by_bnp(rho=0.5,
+                              layer_specs=bnp_optax.nnx.layer_specs(model))
+  optimizer = nnx.Optimizer(model, optax.chain(tx, optax.sgd(0.1)),
+                            wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    def loss_fn(model):
+      out, layer_stats = bnp_optax.nnx.apply(model, x)
+      return jnp.sum(jnp.sin(out)), layer_stats
+    (_, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, layer_stats=stats)
+    return stats
+
+  for _ in range(steps):
+    stats = step(model, optimizer, x)
+  return stats
+
+
+def test_scan_over_layers_trains_like_the_unrolled_model():
+  with jax.enable_x64(True):
+    model = _ScanMLP(4, n_layers=5, rngs=nnx.Rngs(0))
+    # The stacked (5, 4, 4) kernel: one Dense layer per slice, as the
+    # tracing route lays it out.
+    specs = bnp_optax.nnx.layer_specs(model)
+    assert specs == {'layers/linear': bnp_optax.LayerSpec(
+        spatial_axes=(), fan_in_axes=(1,), independent_axes=(0,))}
+    stacked = nnx.state(model, nnx.Param)['layers']['linear']
+    blocks = []
+    for i in range(5):
+      block = _ScanBlock(4, rngs=nnx.Rngs(i))
+      block.linear.kernel[...] = stacked['kernel'][...][i]
+      block.linear.bias[...] = stacked['bias'][...][i]
+      blocks.append(block)
+    unrolled = _UnrolledMLP(blocks)
+    x = jnp.asarray(models.badly_scaled_inputs(np.random.default_rng(0),
+                                               (6, 4)))
+    stats = _train(model, x)
+    assert stats['layers/linear'].mean.shape == (5, 4)
+    _train(unrolled, x)
+    got = nnx.state(model, nnx.Param)['layers']['linear']
+    for i in range(5):
+      want = unrolled.blocks[i].linear
+      np.testing.assert_allclose(got['kernel'][...][i], want.kernel[...],
+                                 rtol=1e-10, atol=1e-12)
+      np.testing.assert_allclose(got['bias'][...][i], want.bias[...],
+                                 rtol=1e-10, atol=1e-12)
+
+
+def test_scan_over_a_shared_layer_names_the_tracing_route():
+  class Shared(nnx.Module):
+    def __init__(self, rngs):
+      self.block = _ScanBlock(3, rngs=rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, None), out_axes=nnx.Carry, length=2)
+      def scan_fn(x, block):
+        return block(x)
+      return scan_fn(x, self.block)
+
+  with jax.enable_x64(True), pytest.raises(ValueError, match=re.escape(
+      'use the tracing route: graphdef, params, rest = nnx.split(model, '
+      'nnx.Param, ...)')):
+    bnp_optax.nnx.apply(Shared(nnx.Rngs(0)), jnp.ones((2, 3)))

@@ -311,10 +311,13 @@ def test_parameters_without_statistics_pass_through():
   assert not np.allclose(updates['Dense_0']['kernel'],
                          grads['Dense_0']['kernel'])
   coverage = bnp_optax.describe_coverage(params, stats)
+  # The 2-D embedding table is kernel-like: the coverage says why it is not
+  # preconditioned.
+  assert coverage.pop('Embed_0/embedding').startswith(
+      'pass-through: a parameter of Embed, which is not a registered layer')
   assert coverage == {
       'Dense_0/bias': 'dense bias',
       'Dense_0/kernel': 'dense kernel',
-      'Embed_0/embedding': 'pass-through',
       'LayerNorm_0/bias': 'pass-through',
       'LayerNorm_0/scale': 'pass-through',
   }
@@ -345,3 +348,34 @@ def test_masked_layers_ignore_their_statistics(route):
                                          layer_specs=case.layer_specs)
   assert coverage['Dense_0/kernel'] == 'masked'
   assert coverage['Dense_1/kernel'] == 'dense kernel'
+
+
+def test_numpy_float64_parameters_with_x64_off_make_no_warning():
+  # JAX's from-scratch MNIST example: parameters made by NumPy, float64.
+  # pytest turns warnings into errors; optax's own optimizers are silent.
+  assert not jax.config.jax_enable_x64
+  rng = np.random.RandomState(0)
+  params = [(0.1 * rng.randn(m, n), 0.1 * rng.randn(n))
+            for m, n in zip((4, 5), (5, 3))]
+
+  def predict(params, inputs):
+    activations = inputs
+    for w, b in params[:-1]:
+      activations = jnp.tanh(jnp.dot(activations, w) + b[None, :])
+    final_w, final_b = params[-1]
+    return jnp.dot(activations, final_w) + final_b[None, :]
+
+  inputs = rng.randn(6, 4)
+  tx = bnp_optax.bnp(0.1, layer_specs=bnp_optax.tracing.layer_specs(
+      predict, params, inputs))
+  state = tx.init(params)
+  assert {leaf.dtype for leaf in jax.tree.leaves(state)} == {
+      jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}  # statistics, count
+
+  def loss(params):
+    out, layer_stats = bnp_optax.tracing.apply(predict, params, inputs)
+    return jnp.sum(out ** 2), layer_stats
+
+  grads, stats = jax.grad(loss, has_aux=True)(params)
+  updates, state = tx.update(grads, state, params, layer_stats=stats)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))

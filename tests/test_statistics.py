@@ -14,11 +14,13 @@ import bnp_optax
     # bfloat16 resolves 16 at 3000: the spread must survive the rounding.
     (jnp.bfloat16, 3000.0, 40.0),
 ])
-# On CPU, up to 128 rows are summed as a GEMV, more as a reduction.
-@pytest.mark.parametrize('rows', [60, 256])
-def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread, rows):
+# On CPU, up to 128 rows of at least 256 columns are summed as a GEMV, the
+# rest as a reduction.
+@pytest.mark.parametrize('rows, columns', [(60, 3), (256, 3), (60, 300)])
+def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread, rows,
+                                                    columns):
   rng = np.random.default_rng(0)
-  x64 = mean + spread * rng.standard_normal((rows, 3))
+  x64 = mean + spread * rng.standard_normal((rows, columns))
   x = jnp.asarray(x64, dtype)
   stats = jax.jit(bnp_optax.input_statistics)(x)
   assert stats.mean.dtype == stats.variance.dtype == jnp.float32
@@ -30,12 +32,54 @@ def test_large_mean_small_spread_keeps_its_variance(dtype, mean, spread, rows):
   assert np.all(np.asarray(stats.variance) > 0)
 
 
-def test_single_row_has_zero_variance_exactly():
-  x = jnp.asarray([[3.0, -1e6, 7.5]])
-  stats = bnp_optax.input_statistics(x)
-  np.testing.assert_array_equal(stats.variance, np.zeros(3))
-  np.testing.assert_array_equal(stats.mean, np.asarray(x[0]))
-  assert float(stats.count) == float(stats.batch_size) == 1
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_single_row_has_zero_variance_exactly(dtype):
+  # A Dense layer at batch size 1: the passes must give the row and zero.
+  from bnp_optax._src import statistics  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(dtype == np.float64):
+    x = jnp.asarray([[3.0, -1e6 + 0.1, 7.5]], dtype)
+    stats = jax.jit(bnp_optax.input_statistics)(x)
+    np.testing.assert_array_equal(stats.variance, np.zeros(3))
+    np.testing.assert_array_equal(stats.mean, np.asarray(x[0]))
+    np.testing.assert_array_equal(stats.mean_residual, np.zeros(3))
+    assert float(stats.count) == float(stats.batch_size) == 1
+    passes = jax.jit(statistics._shifted_two_pass_folded,  # pylint: disable=protected-access
+                     static_argnums=1)(x, 1)
+    for got, want in zip((stats.mean, stats.mean_residual, stats.variance),
+                         passes):
+      np.testing.assert_array_equal(got, want)
+
+
+def test_deep_mlp_step_adds_no_matrix_vector_products():
+  # XLA:CPU compiles every matrix-vector product on its own (one LLVM kernel
+  # per layer), where identical fusions of same-shape layers share one; so
+  # BNP's statistics and bias absorption of narrow layers are reductions,
+  # and its step has the dot products of SGD's step, no more.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(16), nn.relu,
+                         nn.Dense(16), nn.relu, nn.Dense(4)])
+  x = jnp.ones((8, 16))
+  params = model.init(jax.random.key(0), x)['params']
+
+  def step(tx, with_stats):
+    def run(params, opt_state):
+      def loss(p):
+        if with_stats:
+          y, stats = bnp_optax.linen.apply(model, {'params': p}, x)
+        else:
+          y, stats = model.apply({'params': p}, x), None
+        return jnp.sum(y ** 2), stats
+      grads, stats = jax.grad(loss, has_aux=True)(params)
+      kwargs = {'layer_stats': stats} if with_stats else {}
+      updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
+      return optax.apply_updates(params, updates), opt_state
+    text = jax.jit(run).lower(params, tx.init(params)).compile().as_text()
+    return text.count(' dot(') + text.count(' dot_general(')
+
+  sgd = step(optax.sgd(0.1), False)
+  bnp = step(bnp_optax.bnp(0.1), True)
+  assert bnp == sgd
 
 
 def test_conv_shaped_input_reduces_over_batch_and_space():

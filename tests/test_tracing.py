@@ -9,6 +9,7 @@ statistics for every layer type the interceptor knows.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -135,6 +136,58 @@ def test_equinox_mlp_trains_as_linen():
       for i in range(2):
         _close(got.layers[i].weight, want[f'Dense_{i}']['kernel'].T)
         _close(got.layers[i].bias, want[f'Dense_{i}']['bias'])
+
+
+class _Permuted(eqx.Module):
+  """An MLP behind an integer index array (a leaf ``jax.grad`` refuses)."""
+  mlp: eqx.nn.MLP
+  order: jax.Array
+
+  def __call__(self, x):
+    return self.mlp(x[self.order])
+
+
+def test_equinox_idiom_filter_value_and_grad_on_the_module():
+  with jax.enable_x64(True):
+    mlp = eqx.nn.MLP(3, 2, 5, 1, key=jax.random.key(0))
+    mlp = jax.tree.map(lambda a: a.astype(jnp.float64)
+                       if eqx.is_inexact_array(a) else a, mlp)
+    model = _Permuted(mlp, jnp.array([2, 0, 1]))
+    x = jnp.asarray(models.badly_scaled_inputs(np.random.default_rng(0),
+                                               (7, 3)))
+    fn = lambda m, x: jax.vmap(m)(x)
+    tx = bnp_optax.bnp(0.1, layer_specs=tracing.layer_specs(fn, model, x))
+    opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state):  # as the Equinox how-to writes it
+      def loss_fn(model):
+        out, layer_stats = tracing.apply(fn, model, x)
+        return jnp.sum(jnp.sin(out)), layer_stats
+      (_, stats), grads = eqx.filter_value_and_grad(
+          loss_fn, has_aux=True)(model)
+      updates, opt_state = tx.update(
+          grads, opt_state, eqx.filter(model, eqx.is_inexact_array),
+          layer_stats=stats)
+      return eqx.apply_updates(model, updates), opt_state
+
+    got = step(model, opt_state)[0]
+    # The functional route, partitioned by eqx.is_inexact_array.
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    pfn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+    def loss(p):
+      out, layer_stats = tracing.apply(pfn, p, x)
+      return jnp.sum(jnp.sin(out)), layer_stats
+    grads, stats = jax.grad(loss, has_aux=True)(params)
+    updates, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
+    want = eqx.combine(eqx.apply_updates(params, updates), static)
+    jax.tree.map(_close, eqx.filter(got, eqx.is_inexact_array),
+                 eqx.filter(want, eqx.is_inexact_array))
+    # eqx.is_array would hand the integer leaf to jax.grad.
+    params, static = eqx.partition(model, eqx.is_array)
+    with pytest.raises(TypeError, match='grad requires real- or complex'):
+      jax.grad(lambda p: jnp.sum(jax.vmap(eqx.combine(p, static))(x)))(
+          params)
 
 
 class _EqxCNN(eqx.Module):
@@ -657,3 +710,100 @@ def test_bench_tracing_runs(tmp_path):
   for v in result['variants'].values():
     assert v['jit_cache_size'] == 1 and v['median_ms'] > 0
   assert result['tracing/linen']['step'] > 0
+
+
+def _loop_model(kind):
+  """A shared kernel ``w`` applied ``n`` times by a JAX loop, after ``w_in``."""
+
+  def fn(p, x, n):
+    h = jnp.tanh(x @ p['w_in'])
+    step = lambda h: jnp.tanh(h @ p['w'] + p['b'][None, :])
+    if kind == 'scan':
+      h = lax.scan(lambda h, _: (step(h), None), h, None, length=n)[0]
+    elif kind == 'fori_loop':  # static bounds: lowered to a scan
+      h = lax.fori_loop(0, n, lambda i, h: step(h), h)
+    else:  # lax.map over n copies of the batch
+      hs = lax.map(step, jnp.broadcast_to(h, (n,) + h.shape))
+      h = h + jnp.sum(hs, axis=0)
+    return jnp.sum(h, axis=1)
+
+  def unrolled_inputs(p, x, n):
+    h = jnp.tanh(x @ p['w_in'])
+    if kind == 'map':
+      return [h] * n
+    inputs = []
+    for _ in range(n):
+      inputs.append(h)
+      h = jnp.tanh(h @ p['w'] + p['b'][None, :])
+    return inputs
+
+  return fn, unrolled_inputs
+
+
+@pytest.mark.parametrize('kind', ['scan', 'fori_loop', 'map'])
+def test_shared_kernel_in_a_loop_merges_steps_and_an_empty_loop_has_no_data(
+    kind):
+  fn, unrolled_inputs = _loop_model(kind)
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    params = {'w_in': jnp.asarray(rng.standard_normal((3, 4))),
+              'w': jnp.asarray(rng.standard_normal((4, 4))) / 2,
+              'b': jnp.asarray(rng.standard_normal(4))}
+    x = jnp.asarray(models.badly_scaled_inputs(rng, (5, 3)))
+    specs = tracing.layer_specs(fn, params, x, 3)
+    assert set(specs) == {'w_in', 'w'}
+    # Static loops of 3 steps: the steps' inputs merged exactly.
+    _, stats = tracing.apply(fn, params, x, 3)
+    rows = np.concatenate(unrolled_inputs(params, x, 3))
+    np.testing.assert_allclose(stats['w'].mean, rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats['w'].variance, rows.var(0), rtol=1e-12)
+    assert float(stats['w'].batch_size) == 15
+    # No steps: the shared layer has no data this pass. Its running
+    # statistics and its (zero) gradient stay as they are; no NaN.
+    tx = bnp_optax.scale_by_bnp(rho=0.5, layer_specs=specs)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x):
+      def loss(p):
+        y, layer_stats = tracing.apply(fn, p, x, 0)
+        return jnp.sum(jnp.sin(y)), layer_stats
+      grads, layer_stats = jax.grad(loss, has_aux=True)(params)
+      updates, state = tx.update(grads, state, params,
+                                 layer_stats=layer_stats)
+      return grads, updates, state, layer_stats
+
+    grads, updates, new_state, stats = step(params, state, x)
+    assert float(stats['w'].count) == 0
+    for leaf in ('w', 'b'):
+      np.testing.assert_array_equal(updates[leaf], grads[leaf])
+      np.testing.assert_array_equal(grads[leaf], 0)
+    jax.tree.map(np.testing.assert_array_equal,
+                 new_state.running_stats['w'], state.running_stats['w'])
+    assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+    assert not np.allclose(updates['w_in'], grads['w_in'])  # preconditioned
+
+
+@pytest.mark.parametrize('route', ['layer_specs', 'apply', 'describe'])
+def test_colliding_leaf_names_are_an_error_naming_both(route):
+  params = {'a/w': jnp.ones((3, 2)), 'a': {'w': jnp.ones((2, 2))}}
+  fn = lambda p, x: (x @ p['a/w']) @ p['a']['w']
+  with pytest.raises(ValueError, match=re.escape(
+      "the parameters ['a']['w'] and ['a/w'] are both named 'a/w'")):
+    getattr(tracing, route)(fn, params, jnp.ones((4, 3)))
+
+
+def test_fori_loop_roles_as_the_how_to_states_them():
+  params = {'v': jnp.ones((4, 4)), 'w': jnp.ones((3, 4, 4))}
+  x, n = jnp.ones((5, 4)), jnp.int32(3)
+  shared = lambda p, x, n: lax.fori_loop(
+      0, 3, lambda i, h: jnp.tanh(h @ p['v']), x)
+  indexed = lambda p, x, n: lax.fori_loop(
+      0, 3, lambda i, h: jnp.tanh(h @ p['w'][i]), x)
+  traced = lambda p, x, n: lax.fori_loop(
+      0, n, lambda i, h: jnp.tanh(h @ p['v']), x)
+  assert tracing.describe(shared, params, x, n)['v'] == 'dense kernel'
+  assert tracing.describe(indexed, params, x, n)['w'].startswith(
+      'pass-through: indexed or sliced before use')
+  assert tracing.describe(traced, params, x, n)['v'].startswith(
+      'pass-through: used as a kernel inside a while')

@@ -157,8 +157,12 @@ def multi_steps(
         stats = statistics.merge_statistics(
             [stored.as_layer_stats(stats.mean.dtype), stats])
       merged[name] = stats
+    notes = {
+        name: layers_lib.NotPreconditioned(reason) for name, reason in
+        layers_lib.not_preconditioned(layer_stats).items()}
     new_updates, inner = accumulator.update(
-        updates, state.inner, params, layer_stats=merged, **extra_args
+        updates, state.inner, params, layer_stats={**merged, **notes},
+        **extra_args
     )
     emitted = inner.gradient_step != state.inner.gradient_step
     skipped = (inner.mini_step == state.inner.mini_step) & ~emitted

@@ -16,6 +16,7 @@ def bnp(
     eps2: ArrayLike = transform.DEFAULT_EPS2,
     rho: ArrayLike = transform.DEFAULT_RHO,
     debias: bool = False,
+    graft: bool | ArrayLike = False,
     layer_specs: layers_lib.LayerSpecs = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Stochastic gradient descent with Batch Normalization Preconditioning.
@@ -34,6 +35,8 @@ def bnp(
     eps2: see :func:`scale_by_bnp`.
     rho: see :func:`scale_by_bnp`.
     debias: see :func:`scale_by_bnp`.
+    graft: see :func:`scale_by_bnp`: each layer's step takes the size of its
+      raw gradient, so that SGD's learning rate carries over.
     layer_specs: see :func:`scale_by_bnp`.
 
   Returns:
@@ -52,7 +55,7 @@ def bnp(
   return optax.chain(
       transform.scale_by_bnp(
           eps1=eps1, eps2=eps2, rho=rho, debias=debias,
-          layer_specs=layer_specs
+          graft=graft, layer_specs=layer_specs
       ),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )

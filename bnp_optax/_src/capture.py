@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 
+from bnp_optax._src import layers as layers_lib
 from bnp_optax._src import layout
 from bnp_optax._src import statistics
 
@@ -132,10 +133,23 @@ class LayerType:
       only inside ``apply``) and reads the ``spec`` recorded with the
       statistics, which :meth:`measure` takes from ``spec_fn`` when the
       statistics function records none.
+    refused: why the type is not preconditioned, or ``None``. A refused
+      layer is passed through: the integrations record a
+      :class:`~bnp_optax.NotPreconditioned` note for it instead of
+      statistics (``statistics_fn`` then raises if called).
   """
 
   statistics_fn: StatisticsFn
   spec_fn: SpecFn | None = None
+  refused: str | None = None
+
+  def note(self, module: Any, framework: str) -> Any:
+    """The ``NotPreconditioned`` note of a refused layer."""
+    return layers_lib.NotPreconditioned(
+        f'a {type(module).__name__}, which BNP does not precondition '
+        f'({self.refused}); its gradient is left unchanged. To precondition '
+        f'it, register statistics for it with bnp_optax.{framework}.'
+        'register_layer.')
 
   def measure(self, module: Any, args: tuple, kwargs: dict, outputs: Any,
               name: str) -> statistics.LayerStats:
@@ -294,7 +308,7 @@ class LayerRegistry:
     return [t for t, _ in self._entries]
 
   def unsupported(self, reason: str) -> LayerType:
-    """A layer type that refuses the layer, naming it, and has no spec."""
+    """A refused layer type: passed through with ``reason``, no spec."""
     def refuse(module, args, kwargs, outputs):
       del args, kwargs, outputs
       raise NotImplementedError(
@@ -303,7 +317,7 @@ class LayerRegistry:
           'exclude it from BNP with optax.masked, or register statistics for '
           f'it with bnp_optax.{self._framework}.register_layer.'
       )
-    return LayerType(refuse, None)
+    return LayerType(refuse, None, reason)
 
 
 def checked(stats: Any, name: str) -> statistics.LayerStats:

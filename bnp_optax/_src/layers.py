@@ -62,6 +62,26 @@ class LeafLayer(NamedTuple):
 
 LayerSpecs = Mapping[str, LayerSpec | LeafLayer] | None
 
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class NotPreconditioned:
+  """A parameter the capture saw but does not precondition, and why.
+
+  The Flax integrations put it in ``layer_stats`` where a layer (or a
+  kernel-like parameter) has no statistics: at a refused layer's path
+  (``nn.ConvTranspose``), or at the path of a parameter used outside a
+  registered layer (``self.param`` with ``jnp.dot``). It has no arrays, so
+  it passes through ``jit``, ``grad(has_aux=True)`` and collectives
+  unchanged. ``scale_by_bnp`` leaves such a layer's gradient unchanged and
+  :func:`describe_coverage` reports ``'pass-through: <reason>'``.
+
+  Attributes:
+    reason: why, and what would precondition it.
+  """
+
+  reason: str
+
 _LAYOUT_HINT = (
     'Kernels that are not laid out as a Flax Dense (n_in, n_out) or Conv '
     '(*window, c_in, c_out) kernel (DenseGeneral/LinearGeneral with several '
@@ -133,6 +153,26 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def check_unique_names(key_paths, what: str = 'parameters') -> None:
+  """Raises if two key paths are written as the same ``'a/b'`` name.
+
+  Layers, statistics and roles are keyed by the ``'/'``-joined path, so a
+  dict key holding ``'/'`` (``'a/w'``) beside a nested dict
+  (``{'a': {'w': ...}}``) would make two parameters one name.
+  """
+  seen = {}
+  for key_path in key_paths:
+    name = path_to_str(key_path_to_tuple(key_path))
+    if name in seen:
+      raise ValueError(
+          f'bnp_optax: the {what} {jax.tree_util.keystr(seen[name])} and '
+          f'{jax.tree_util.keystr(key_path)} are both named {name!r} (paths '
+          "are written with '/' between keys, so a key that holds '/' can "
+          'name the same path as nested keys). Rename one of them.'
+      )
+    seen[name] = key_path
+
+
 def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   """Flattens ``tree`` and finds every layer that BNP would precondition.
 
@@ -152,6 +192,7 @@ def parse_tree(tree: Any, layer_specs: LayerSpecs = None) -> ParameterTree:
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=_is_masked
   )
+  check_unique_names([kp for kp, _ in flat])
   leaves = [leaf for _, leaf in flat]
   leaf_paths = [key_path_to_tuple(kp) for kp, _ in flat]
   masked = frozenset(
@@ -245,6 +286,20 @@ def _parse_leaf_layers(leaves, treedef, leaf_paths, layer_specs,
                        masked_leaves)
 
 
+def _is_stats_or_note(x) -> bool:
+  return isinstance(x, (statistics.LayerStats, NotPreconditioned))
+
+
+def not_preconditioned(layer_stats: Any) -> dict[str, str]:
+  """``{path: reason}`` of the :class:`NotPreconditioned` in ``layer_stats``."""
+  if isinstance(layer_stats, NotPreconditioned):
+    return {path_to_str(()): layer_stats.reason}
+  flat = jax.tree_util.tree_flatten_with_path(
+      layer_stats, is_leaf=_is_stats_or_note)[0]
+  return {path_to_str(key_path_to_tuple(kp)): leaf.reason
+          for kp, leaf in flat if isinstance(leaf, NotPreconditioned)}
+
+
 def flatten_layer_stats(
     layer_stats: Any,
 ) -> dict[str, statistics.LayerStats]:
@@ -253,12 +308,19 @@ def flatten_layer_stats(
   Every capture route returns this flat dict already; a tree nested by path
   (``{'Block_0': {'Dense_1': stats}}``) or, for a model that is one layer, a
   bare ``LayerStats`` (``'<root>'``) is flattened to it.
+
+  :class:`NotPreconditioned` entries are left out (see
+  :func:`not_preconditioned`).
   """
   is_stats = lambda x: isinstance(x, statistics.LayerStats)
-  flat = jax.tree_util.tree_flatten_with_path(layer_stats, is_leaf=is_stats)[0]
+  flat = jax.tree_util.tree_flatten_with_path(
+      layer_stats, is_leaf=_is_stats_or_note)[0]
+  check_unique_names([kp for kp, _ in flat], 'statistics')
   result = {}
   for key_path, leaf in flat:
     name = path_to_str(key_path_to_tuple(key_path))
+    if isinstance(leaf, NotPreconditioned):
+      continue
     if not is_stats(leaf):
       raise TypeError(
           f'layer_stats[{name!r}] is a {type(leaf).__name__}, not a '
@@ -272,18 +334,27 @@ def flatten_layer_stats(
 def match_statistics(
     tree: ParameterTree,
     stats: Mapping[str, statistics.LayerStats],
+    passed: Mapping[str, str] | None = None,
 ) -> dict[str, LayerSpec]:
   """Pairs statistics with preconditioned layers; raises if they disagree.
 
-  Every layer needs statistics whose shape fits its kernel, and every
-  statistic needs a layer (or a layer that ``optax.masked`` excluded). The
-  layout recorded with the statistics (by the integration that measured the
-  layer) takes precedence over the one inferred from the kernel's shape.
+  Every layer needs statistics whose shape fits its kernel, or a
+  :class:`NotPreconditioned` note in ``passed``, and every statistic needs a
+  layer (or a layer that ``optax.masked`` excluded). The layout recorded
+  with the statistics (by the integration that measured the layer) takes
+  precedence over the one inferred from the kernel's shape.
+
+  Args:
+    tree: the parsed gradients or parameters.
+    stats: ``{layer path: LayerStats}``.
+    passed: ``{path: reason}`` of the layers the capture refused
+      (:func:`not_preconditioned`); they get no layout.
 
   Returns:
     ``{layer path: LayerSpec}``, the layout to precondition each layer with.
   """
-  missing = sorted(set(tree.layers) - set(stats))
+  passed = passed or {}
+  missing = sorted(set(tree.layers) - set(stats) - set(passed))
   if missing:
     shapes = {n: tree.layers[n].kernel_shape for n in missing}
     raise ValueError(
@@ -309,6 +380,8 @@ def match_statistics(
     )
   specs = {}
   for name, layer in tree.layers.items():
+    if name not in stats:
+      continue  # refused by the capture: passed through
     s = stats[name]
     spec = layer.spec
     if s.spec is not None:
@@ -392,8 +465,11 @@ def describe_coverage(
   Returns:
     A dict from each parameter's path (``'Dense_0/kernel'``) to one of
     ``'dense kernel'``, ``'dense bias'``, ``'conv kernel'``, ``'conv bias'``,
-    ``'masked'`` (excluded by ``optax.masked``) or ``'pass-through'``
-    (unchanged: no statistic covers it, e.g. LayerNorm scales or embeddings).
+    ``'masked'`` (excluded by ``optax.masked``), ``'pass-through'``
+    (unchanged: no statistic covers it, e.g. LayerNorm scales) or
+    ``'pass-through: <reason>'`` where ``layer_stats`` holds a
+    :class:`NotPreconditioned` note for it (a refused layer, a parameter
+    used outside a registered layer).
 
   Example:
     >>> import jax.numpy as jnp
@@ -409,14 +485,26 @@ def describe_coverage(
   """
   tree = parse_tree(params, layer_specs)
   specs = {name: layer.spec for name, layer in tree.layers.items()}
+  passed = {}
   if layer_stats is not None:
-    specs = match_statistics(tree, flatten_layer_stats(layer_stats))
+    passed = not_preconditioned(layer_stats)
+    specs = match_statistics(tree, flatten_layer_stats(layer_stats), passed)
   roles = {}
   for name, layer in tree.layers.items():
+    if name in passed:
+      note = f'pass-through: {passed[name]}'
+      roles[layer.kernel_index] = note
+      if layer.bias_index is not None:
+        roles[layer.bias_index] = note
+      continue
     kind = specs[name].kind
     roles[layer.kernel_index] = f'{kind} kernel'
     if layer.bias_index is not None:
       roles[layer.bias_index] = f'{kind} bias'
+  leaf_index = {path_to_str(p): i for i, p in enumerate(tree.leaf_paths)}
+  for name, reason in passed.items():
+    if name in leaf_index and leaf_index[name] not in roles:
+      roles[leaf_index[name]] = f'pass-through: {reason}'
   result = {}
   for index, path in enumerate(tree.leaf_paths):
     if _is_masked(tree.leaves[index]):

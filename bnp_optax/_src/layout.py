@@ -104,6 +104,24 @@ def dense_general_spec(
   )
 
 
+def stacked_spec(spec: LayerSpec, lead: int) -> LayerSpec:
+  """The layout of a kernel stacked along ``lead`` new leading axes.
+
+  What ``nn.scan``/``nn.vmap`` (linen) and ``nnx.vmap`` make of a layer's
+  kernel: every slice is a layer of its own, so the stacked axes are
+  independent axes, ahead of the layer's own.
+  """
+  if not lead:
+    return spec
+  shift = lambda axes: tuple(a + lead for a in axes)
+  return LayerSpec(
+      spatial_axes=shift(spec.spatial_axes),
+      fan_in_axes=shift(spec.fan_in_axes),
+      independent_axes=tuple(range(lead)) + shift(spec.independent_axes),
+      feature_groups=spec.feature_groups,
+  )
+
+
 def infer_layer_spec(kernel_shape: tuple[int, ...]) -> LayerSpec | None:
   """Flax's conventions: 2-D kernels are Dense, higher ones Conv."""
   if len(kernel_shape) == 2:

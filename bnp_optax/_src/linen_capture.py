@@ -13,11 +13,13 @@ is kept.
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import functools
+import threading
 from typing import Any
 
 import flax.linen as nn
 from flax.training import train_state
 import jax
+import jax.numpy as jnp
 import optax
 
 from bnp_optax._src import capture
@@ -127,17 +129,28 @@ def _record_input_statistics(next_fun, args, kwargs, context):
   if context.method_name == '__call__':
     layer_type = _REGISTRY.lookup(module)
   outputs = next_fun(*args, **kwargs)
-  if layer_type is None or module.is_initializing():
+  if module.is_initializing():
+    return outputs
+  if layer_type is None:
+    if _REGISTRY.lookup(module) is None:
+      _record_raw_parameters(module)
+    return outputs
+  if layer_type.refused is not None:
+    _record_note(tuple(module.path), layer_type.note(module, 'linen'))
     return outputs
   if not module.is_mutable_collection(COLLECTION):
     raise ValueError(
         f'bnp_optax: layer {module_name(module)!r} runs inside a lifted '
         'transform (nn.scan, nn.vmap, ...) that does not carry the '
         f'{COLLECTION!r} collection, so its statistics would be lost. Add '
-        f"it to the transform's variable_axes, e.g. variable_axes={{'params': "
-        f"0, {COLLECTION!r}: 0}} (bnp_optax.linen.COLLECTION); each slice "
-        'is then preconditioned as a layer of its own.'
+        f"it to the transform's variable_axes as {{{COLLECTION!r}: 0}} "
+        '(bnp_optax.linen.COLLECTION), beside the parameters: stacked '
+        "parameters (variable_axes={'params': 0, ...}) are then "
+        'preconditioned one slice per layer, and parameters shared by every '
+        "step (variable_broadcast='params') get the statistics of all the "
+        'steps merged, as a layer called several times.'
     )
+  _record_kernel_ndim(module)
   module.sow(COLLECTION, _SOW_NAME, layer_type.measure(
       module, args, kwargs, outputs, module_name(module)))
   return outputs
@@ -171,28 +184,154 @@ def intercept_layer(
     yield
 
 
+class _Recording:
+  """What the forward pass tells besides statistics, while apply() runs.
+
+  Attributes:
+    kernel_ndims: ``{layer path: ndim}``, the number of axes of each
+      layer's kernel as the layer itself sees it. Inside nn.scan/nn.vmap a
+      stacked kernel is seen sliced (fewer axes than in the variables), a
+      broadcast one whole.
+    notes: ``{path tuple: NotPreconditioned}`` for refused layers and for
+      kernel-like parameters of modules that are not registered layers.
+  """
+
+  def __init__(self):
+    self.kernel_ndims: dict[str, int] = {}
+    self.notes: dict[tuple[str, ...], layers_lib.NotPreconditioned] = {}
+
+
+_recording = threading.local()
+
+
+def _current() -> _Recording | None:
+  return getattr(_recording, 'value', None)
+
+
+def _record_kernel_ndim(module: nn.Module) -> None:
+  current = _current()
+  if current is None:
+    return
+  kernel = module.variables.get('params', {}).get(layers_lib.KERNEL)
+  if kernel is not None:
+    current.kernel_ndims[module_name(module)] = jnp.ndim(
+        nn.meta.unbox(kernel))
+
+
+def _record_note(path: tuple[str, ...],
+                 note: layers_lib.NotPreconditioned) -> None:
+  current = _current()
+  if current is not None:
+    current.notes.setdefault(path, note)
+
+
+def _record_raw_parameters(module: nn.Module) -> None:
+  """Notes the kernel-like parameters of a module that is not a layer.
+
+  A parameter made with ``self.param`` and used with ``jnp.dot`` (the
+  ``DotReluDot`` block of Flax's pjit guide) is no registered layer's
+  kernel, so nothing measures its input.
+  """
+  if _current() is None:
+    return
+  for name, value in module.variables.get('params', {}).items():
+    value = nn.meta.unbox(value)
+    if (isinstance(value, Mapping) or jnp.ndim(value) < 2
+        or not jnp.issubdtype(jnp.result_type(value), jnp.inexact)):
+      continue
+    kind = type(module).__name__
+    _record_note(tuple(module.path) + (name,), layers_lib.NotPreconditioned(
+        f'a parameter of {kind}, which is not a registered layer type, so '
+        'bnp_optax.linen.apply does not measure its input and its gradient '
+        'is left unchanged. If it is used as a kernel (self.param with '
+        'jnp.dot, say), bnp_optax.tracing.apply(model.apply, variables, x) '
+        'with layer_specs=bnp_optax.tracing.layer_specs(...) preconditions '
+        'it (bnp_optax.tracing.describe says how it is used), or register '
+        f'{kind} with bnp_optax.linen.register_layer.'))
+
+
+@contextlib.contextmanager
+def _recording_forward_pass() -> Iterator[_Recording]:
+  outer = _current()
+  _recording.value = _Recording()
+  try:
+    yield _recording.value
+  finally:
+    _recording.value = outer
+
+
+def _with_notes(layer_stats: dict[str, Any],
+                notes: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """Adds the notes at their paths, where no statistics are."""
+  measured = [() if n == layers_lib.path_to_str(()) else tuple(n.split('/'))
+              for n in layer_stats]
+  for path, note in sorted(notes.items()):
+    if any(path[:len(m)] == m for m in measured):
+      continue  # a parameter of a measured layer (a registered type's)
+    layer_stats.setdefault(layers_lib.path_to_str(path), note)
+  return layer_stats
+
+
+def _lifted(stats: statistics.LayerStats, name: str, kernel_ndim: int | None,
+            inner_ndim: int | None) -> statistics.LayerStats:
+  """Statistics sown under nn.scan/nn.vmap, as the layer's parameters are.
+
+  The transform stacks the statistics along one leading axis per lifted
+  transform. A kernel stacked the same way (``variable_axes={'params':
+  0}``) is one layer per slice (:func:`statistics.unstack`); a kernel
+  broadcast to every step (``variable_broadcast='params'``, weight sharing)
+  is one layer called at every step, whose statistics are merged exactly
+  (:func:`statistics.merge_stacked`).
+  """
+  lead = stats.count.ndim
+  if lead == 0 or kernel_ndim is None or inner_ndim is None:
+    return statistics.unstack(stats)
+  stacked = kernel_ndim - inner_ndim
+  if stacked == 0:
+    return statistics.merge_stacked(stats)
+  if not 0 < stacked < lead:
+    return statistics.unstack(stats)
+  raise NotImplementedError(
+      f'bnp_optax: layer {name!r} runs inside {lead} nested lifted '
+      f'transforms that stack its kernel along {stacked} of them and share '
+      'it across the others; only all stacked (variable_axes) or all '
+      "shared (variable_broadcast='params') is supported. Use "
+      'bnp_optax.tracing.apply(model.apply, variables, x) instead, which '
+      'handles both.'
+  )
+
+
 def _collect(
-    tree: Mapping[str, Any], path: tuple[str, ...] = ()
+    tree: Mapping[str, Any], params: Any, inner_ndims: Mapping[str, int],
+    path: tuple[str, ...] = ()
 ) -> dict[str, statistics.LayerStats]:
   """Turns the sown collection into ``{layer path: LayerStats}``.
 
   A layer applied several times in one pass sows a tuple of statistics,
   which are merged exactly (see :func:`merge_statistics`); statistics
-  stacked by ``nn.scan``/``nn.vmap`` are one layer a slice (see
-  :func:`statistics.unstack`).
+  stacked by ``nn.scan``/``nn.vmap`` are one layer a slice, or one layer
+  called at every step when the transform broadcasts its kernel (see
+  :func:`_lifted`).
   """
   result = {}
   for key, value in tree.items():
     if key != _SOW_NAME:
-      result.update(_collect(value, path + (str(key),)))
+      result.update(_collect(
+          value, params.get(key, {}) if isinstance(params, Mapping) else {},
+          inner_ndims, path + (str(key),)))
   if _SOW_NAME in tree:
     if result:
       raise NotImplementedError(
           'bnp_optax: a Dense/Conv layer with Dense/Conv submodules is not '
           f'supported (submodules {sorted(result)}).'
       )
-    result[layers_lib.path_to_str(path)] = statistics.merge_statistics(
-        [statistics.unstack(s) for s in tree[_SOW_NAME]])
+    name = layers_lib.path_to_str(path)
+    kernel = (params.get(layers_lib.KERNEL)
+              if isinstance(params, Mapping) else None)
+    kernel_ndim = None if kernel is None else jnp.ndim(nn.meta.unbox(kernel))
+    result[name] = statistics.merge_statistics([
+        _lifted(s, name, kernel_ndim, inner_ndims.get(name))
+        for s in tree[_SOW_NAME]])
   return result
 
 
@@ -298,13 +437,17 @@ def apply(
     collections = [mutable, COLLECTION]
   else:
     collections = list(mutable) + [COLLECTION]
-  with nn.intercept_methods(_record_input_statistics):
+  with (nn.intercept_methods(_record_input_statistics),
+        _recording_forward_pass() as recording):
     output, mutated = model.apply(
         variables, *args, mutable=collections, **kwargs
     )
   mutated = dict(mutated)
   sown = mutated.pop(COLLECTION, {})
-  layer_stats = _collect(sown)
+  params = (variables.get('params', {}) if isinstance(variables, Mapping)
+            else {})
+  layer_stats = _with_notes(
+      _collect(sown, params, recording.kernel_ndims), recording.notes)
   if axis_name is not None:
     layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
   if mutable is False or mutable is None:

@@ -48,6 +48,33 @@ def _conv_attributes(module: nnx.Conv):
   return len(module.kernel_size), module.feature_group_count
 
 
+def _own_kernel_ndim(module) -> int | None:
+  """How many axes a built-in layer's kernel has when it is not stacked."""
+  if isinstance(module, nnx.LinearGeneral):
+    features = module.out_features
+    features = (features,) if isinstance(features, int) else features
+    return len(module.batch_axis) + len(module.axis) + len(features)
+  if isinstance(module, nnx.Conv):
+    return len(module.kernel_size) + 2
+  if isinstance(module, nnx.Linear):
+    return 2
+  return None
+
+
+def _stacked_axes(module) -> int:
+  """The leading axes ``nnx.vmap`` stacked on a layer's kernel, if any.
+
+  Flax's scan-over-layers pattern builds ``n`` blocks at once with
+  ``nnx.vmap``: their ``nnx.Linear`` holds one ``(n, n_in, n_out)``
+  kernel, each slice a layer of its own.
+  """
+  kernel = getattr(module, 'kernel', None)
+  own = _own_kernel_ndim(module)
+  if kernel is None or own is None:
+    return 0
+  return max(len(kernel.shape) - own, 0)
+
+
 _REGISTRY = capture.LayerRegistry(nnx.Module, 'nnx', _name_of)
 _REGISTRY.register(nnx.Conv, capture.conv_layer(_conv_attributes))
 _REGISTRY.register(nnx.LinearGeneral,
@@ -178,6 +205,7 @@ class _Collector:
       if isinstance(node, nnx.Module):
         self.paths.setdefault(id(node), tuple(path))
     self.stats: dict[tuple, list[statistics.LayerStats]] = {}
+    self.notes: dict[tuple, layers_lib.NotPreconditioned] = {}
     self.active: set[int] = set()
 
   def name_of(self, module) -> str:
@@ -193,19 +221,35 @@ class _Collector:
       raise ValueError(
           f'bnp_optax.nnx.apply: a {type(module).__name__} that is not part '
           'of the model given to apply() was called; its parameters would '
-          'have no statistics. Call the layers through the model.'
+          'have no statistics. Either the layer is held outside the model '
+          '(call it through the model), or an NNX transform (nnx.scan, '
+          'nnx.vmap, nnx.remat...) inside the model hands it to its function '
+          "as a copy. bnp_optax.nnx follows the copies only of layers "
+          "stacked by nnx.vmap (Flax's scan-over-layers pattern); for "
+          'others, use the tracing route: graphdef, params, rest = '
+          'nnx.split(model, nnx.Param, ...); fn = lambda p, x: '
+          'nnx.merge(graphdef, p, rest)(x); then bnp_optax.tracing.apply(fn, '
+          'params, x) with layer_specs=bnp_optax.tracing.layer_specs(fn, '
+          'params, x).'
       )
+    if layer_type.refused is not None:
+      self.notes.setdefault(path, layer_type.note(module, 'nnx'))
+      return
     stats = layer_type.measure(module, args, kwargs, outputs,
                                self.name_of(module))
     self.stats.setdefault(path, []).append(stats)
 
-  def layer_stats(self) -> dict[str, statistics.LayerStats]:
-    """``{layer path: LayerStats}``, every layer's calls merged."""
-    return {
+  def layer_stats(self) -> dict[str, Any]:
+    """``{layer path: LayerStats}``, every layer's calls merged, and notes."""
+    result = {
         layers_lib.path_to_str(tuple(str(k) for k in path)):
             statistics.merge_statistics(stats)
         for path, stats in self.stats.items()
     }
+    for path, note in self.notes.items():
+      result.setdefault(layers_lib.path_to_str(tuple(str(k) for k in path)),
+                        note)
+    return result
 
 
 def apply(
@@ -218,7 +262,11 @@ def apply(
   to the optimizer (``nnx.Optimizer.update`` forwards keyword arguments to
   the transformation). It records the input statistics of every
   ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Conv`` (and registered
-  types) called in the forward pass.
+  types) called in the forward pass. Layers stacked by ``nnx.vmap`` and run
+  by ``nnx.scan`` (Flax's scan-over-layers pattern) are one layer per slice,
+  as in the unrolled model: such a model is run through
+  :func:`bnp_optax.tracing.apply` on ``nnx.split(model)``, since the
+  transforms call copies of the layers.
 
   Args:
     model: an NNX module, unchanged.
@@ -261,6 +309,18 @@ def apply(
   """
   if _collector() is not None:
     raise RuntimeError('bnp_optax.nnx.apply calls cannot be nested.')
+  if any(_REGISTRY.lookup(node) is not None and _stacked_axes(node)
+         for _, node in nnx.iter_graph(model)):
+    outputs, layer_stats = _apply_by_tracing(model, args, kwargs)
+  else:
+    outputs, layer_stats = _apply_by_patching(model, args, kwargs)
+  if axis_name is not None:
+    layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
+  return outputs, layer_stats
+
+
+def _apply_by_patching(model, args, kwargs):
+  """The statistics of each registered layer, as its ``__call__`` sees them."""
   collector = _Collector(model)
   with _patch_layer_calls():
     _state.collector = collector
@@ -268,9 +328,51 @@ def apply(
       outputs = model(*args, **kwargs)
     finally:
       _state.collector = None
-  layer_stats = collector.layer_stats()
-  if axis_name is not None:
-    layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
+  return outputs, collector.layer_stats()
+
+
+def _apply_by_tracing(model, args, kwargs):
+  """The statistics of a model with stacked layers, found by tracing it.
+
+  Stacked layers are called by NNX transforms (``nnx.scan`` over the
+  stack), which hand copies of them to their function, where no patched
+  ``__call__`` can record for the model. The model is split into its
+  parameters and the rest, and ``bnp_optax.tracing.apply`` runs it as a
+  function of them: a kernel sliced by the scan is one layer per slice, as
+  in the unrolled model. The statistics are keyed by module path like the
+  other layers', the rest of the state (RNG counts, batch statistics) is
+  written back to ``model``.
+  """
+  from bnp_optax._src import tracing  # pylint: disable=g-import-not-at-top
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def fn(params, rest, *args, **kwargs):
+    copy = nnx.merge(graphdef, params, rest)
+    outputs = copy(*args, **kwargs)
+    return outputs, nnx.split(copy, nnx.Param, ...)[2]
+
+  (outputs, new_rest), found = tracing.apply(fn, params, rest, *args,
+                                             **kwargs)
+  nnx.update(model, new_rest)
+  modules = {layers_lib.path_to_str(tuple(str(k) for k in path)): node
+             for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Module)}
+  layer_stats = {}
+  for name, stats in found.items():
+    parent, _, leaf = name.rpartition('/')
+    layer = parent or layers_lib.path_to_str(())
+    module = modules.get(layer)
+    layer_type = None if module is None else _REGISTRY.lookup(module)
+    if leaf != layers_lib.KERNEL or layer_type is None:
+      layer_stats[name] = layers_lib.NotPreconditioned(
+          'used as a kernel outside a registered layer, which bnp_optax.nnx '
+          'does not precondition (bnp_optax.tracing.apply on nnx.split(model)'
+          ' would)')
+    elif layer_type.refused is not None:
+      layer_stats[layer] = layer_type.note(module, 'nnx')
+    else:
+      layer_stats[layer] = stats
   return outputs, layer_stats
 
 
@@ -305,5 +407,6 @@ def layer_specs(model: nnx.Module) -> dict[str, layout.LayerSpec]:
       continue
     spec = layer_type.spec_fn(node)
     if spec is not None:
+      spec = layout.stacked_spec(spec, _stacked_axes(node))
       specs[layers_lib.path_to_str(tuple(str(k) for k in path))] = spec
   return specs

@@ -72,26 +72,40 @@ class LayerStats:
 
 
 def statistics_dtype(dtype) -> jnp.dtype:
-  """Reductions are done in float32 at least, float64 when inputs are."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """Reductions are done in float32 at least, float64 when inputs are.
+
+  Canonical, as optax creates its state: NumPy float64 parameters or inputs
+  with x64 off give float32, without a warning.
+  """
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-# Up to this many rows, XLA:CPU sums columns faster as a GEMV (below).
+# Up to this many rows, XLA:CPU sums columns faster as a GEMV (below)...
 _CPU_GEMV_MAX_ROWS = 128
+# ... when there are at least this many columns. XLA:CPU compiles every
+# matrix-vector product separately (an LLVM kernel each, never shared
+# between layers of the same shape, where identical fusions are), so a
+# GEMV per layer made the compile time grow with depth.
+_CPU_GEMV_MIN_COLUMNS = 256
 
 
 def _column_sums(rows: jax.Array) -> jax.Array:
-  """``rows.sum(0)``; on CPU, for few rows, as a matrix-vector product.
+  """``rows.sum(0)``; on CPU, for few wide rows, as a matrix-vector product.
 
   XLA:CPU runs the column reduction of a short, wide ``(rows, features)``
-  matrix several times slower than the library GEMV ``1^T rows``. With more
+  matrix several times slower than the library GEMV ``1^T rows``, but
+  compiles every GEMV on its own, one per layer, where the identical
+  reductions of same-shape layers share one kernel: narrow inputs (fewer
+  than ``_CPU_GEMV_MIN_COLUMNS`` features) are reduced, so that a deep
+  network's compile time does not grow with a GEMV per layer. With more
   rows the GEMV loses: its operand must be materialised (the squared
   deviations, a temporary the size of the layer input), where the reduction
   fuses with its producer (the timings are in ``benchmarks/RESULTS.md``,
   "Timings behind the library's choices"). Other platforms always reduce.
   ``HIGHEST`` keeps the sums in full float32.
   """
-  if rows.shape[0] > _CPU_GEMV_MAX_ROWS:
+  if (rows.shape[0] > _CPU_GEMV_MAX_ROWS
+      or rows.shape[1] < _CPU_GEMV_MIN_COLUMNS):
     return jnp.sum(rows, axis=0)
 
   def as_product(rows):
@@ -370,12 +384,18 @@ def merge_stacked(stats: LayerStats) -> LayerStats:
     stats: statistics with ``count.ndim`` leading axes in every field.
 
   Returns:
-    The merged :class:`LayerStats`, with scalar ``count``.
+    The merged :class:`LayerStats`, with scalar ``count``. With no entries
+    (a ``scan`` of length 0), the statistics of no data: zero count, batch
+    size and positions, zero mean and variance (see :func:`has_data`).
   """
   lead = stats.count.ndim
   if lead == 0:
     return stats
   feature_shape = stats.mean.shape[lead:]
+  if not stats.count.size:
+    zeros = jnp.zeros(feature_shape, stats.mean.dtype)
+    zero = jnp.zeros([], stats.count.dtype)
+    return LayerStats(zeros, zeros, zero, zero, zero, stats.spec, zeros)
   flat = lambda a: a.reshape((-1,) + a.shape[lead:])
   count = flat(stats.count)
   mean = flat(stats.mean)
@@ -401,6 +421,17 @@ def merge_stacked(stats: LayerStats) -> LayerStats:
       total_batch, 1)
   return LayerStats(merged_mean, variance, jnp.sum(count), total_batch,
                     positions, stats.spec, residual)
+
+
+def has_data(stats: LayerStats) -> jax.Array:
+  """Whether the statistics summarise any input (``count > 0``).
+
+  A layer inside a ``scan`` of length 0 (variable-length code) sees no
+  input in that pass: its merged statistics have zero count, and
+  ``scale_by_bnp`` leaves its running statistics and its gradient
+  unchanged.
+  """
+  return stats.count > 0
 
 
 def unstack(stats: LayerStats, spec: LayerSpec | None = None) -> LayerStats:

@@ -53,6 +53,7 @@ class _Traced:
 
 def _trace(fn: Callable, params, args, kwargs) -> _Traced:
   flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+  layers_lib.check_unique_names([kp for kp, _ in flat])
   p_leaves = [leaf for _, leaf in flat]
   all_names = [layers_lib.path_to_str(layers_lib.key_path_to_tuple(kp))
                for kp, _ in flat]
@@ -205,7 +206,8 @@ independent_axes=(), feature_groups=1), bias='b')
 
 
 def apply(
-    fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
+    fn: Callable[..., Any], params: Any, *args: Any, axis_name: Any = None,
+    **kwargs: Any
 ) -> tuple[Any, dict[str, statistics.LayerStats]]:
   r"""Runs ``fn(params, *args, **kwargs)`` and returns the layer statistics.
 
@@ -235,6 +237,12 @@ def apply(
       Equinox module's arrays from ``eqx.partition``, Haiku's params).
     *args: arguments of ``fn``; array leaves are traced, other leaves are
       static.
+    axis_name: inside ``shard_map`` or ``pmap`` with the batch split over
+      this mapped axis, combine every device's statistics into those of the
+      global batch (see :func:`bnp_optax.all_reduce_statistics`), as
+      ``bnp_optax.linen.apply`` does. Not needed under ``jax.jit`` with a
+      sharded batch, where the statistics are global already. Not passed to
+      ``fn``.
     **kwargs: keyword arguments of ``fn``, likewise.
 
   Returns:
@@ -274,6 +282,8 @@ def apply(
       traced.names[leaf]: statistics.merge_statistics(collected[leaf])
       for leaf in sorted(traced.layers)
   }
+  if axis_name is not None:
+    layer_stats = statistics.all_reduce_statistics(layer_stats, axis_name)
   return jax.tree_util.tree_unflatten(traced.out_tree, outs), layer_stats
 
 

@@ -40,6 +40,9 @@ _VIEW_PRIMITIVES = frozenset({
     'convert_element_type', 'copy', 'copy_p', 'transpose', 'reshape',
     'squeeze', 'expand_dims', 'broadcast_in_dim', 'sharding_constraint',
 })
+# Inside shard_map, a replicated value (a parameter) used with a per-device
+# one (the batch) is first marked device-varying; the values are unchanged.
+_DEVICE_VARYING = frozenset({'pvary', 'pbroadcast'})
 INLINED = frozenset({'jit', 'pjit', 'closed_call', 'core_call'})
 # Indexing a parameter (``p['w'][i]``) makes a kernel per index that is not
 # a view of the whole leaf; only lax.scan's slicing is one layer per step.
@@ -494,6 +497,8 @@ class _Walk:
   def _equation(self, eqn, values) -> tuple[list[_Value], Site | None]:
     """What is known of the outputs of ``eqn``, and its site if a layer."""
     name = eqn.primitive.name
+    if name in _DEVICE_VARYING:
+      return list(values), None
     if name in _VIEW_PRIMITIVES and values and values[0].leaf is not None:
       view = _view_rule(eqn, values[0])
       if view is not None:

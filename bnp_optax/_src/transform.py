@@ -145,6 +145,14 @@ def clip_hyperparameters(eps1, eps2, rho, dtype):
           clipped(rho, 0, 1, 1))
 
 
+def _clipped_once(cache: dict, eps1, eps2, rho, dtype):
+  """:func:`clip_hyperparameters` once per dtype, not once per layer."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in cache:
+    cache[dtype] = clip_hyperparameters(eps1, eps2, rho, dtype)
+  return cache[dtype]
+
+
 def batch_variance(
     batch: statistics.LayerStats, running_mean: jax.Array
 ) -> jax.Array:
@@ -287,22 +295,18 @@ def _absorbed_sum(
 ) -> jax.Array:
   """``sum_{window, fan-in} (mu / s) G_w``, indexed like the bias.
 
-  Without a window (Dense) a contraction, which XLA:CPU runs as a library
-  GEMV. With one (convolutions) a fused multiply-and-reduce over the window
-  and fan-in axes: XLA:CPU emits a convolution's kernel gradient in
+  A fused multiply-and-reduce over the window and fan-in axes. For
+  convolutions: XLA:CPU emits a convolution's kernel gradient in
   ``(c_in, *window, c_out)`` order, and the contraction ``c,abcd->d`` made it
   copy that gradient into the kernel's layout and then sum the window in a
-  reduction several times slower than the copy (the timings are in
-  ``benchmarks/RESULTS.md``, "Timings behind the library's choices"); the
-  fused reduction reads the gradient once, where it lies.
+  reduction several times slower than the copy; the fused reduction reads
+  the gradient once, where it lies. For Dense layers the contraction is a
+  matrix-vector product, which XLA:CPU compiles anew for every layer (an
+  LLVM kernel each), where identical fusions of same-shape layers share one
+  kernel, so a deep MLP's compile time grew with its depth. The timings are
+  in ``benchmarks/RESULTS.md``, "Timings behind the library's choices" and
+  "Compile time against depth".
   """
-  if not view.spatial:
-    letters = 'abcdefghijklmnopqrstuvwxyz'[: len(view.shape)]
-    return jnp.einsum(
-        ''.join(letters[p] for p in view.statistics_axes) + ',' + letters
-        + '->' + ''.join(letters[p] for p in view.bias_axes),
-        scaled_mean, g_w, precision=jax.lax.Precision.HIGHEST,
-    )
   kept = sorted(view.bias_axes)
   summed = tuple(a for a in range(len(view.shape)) if a not in kept)
   product = view.place(scaled_mean, view.statistics_axes) * g_w
@@ -382,12 +386,87 @@ def precondition_layer(
   )
 
 
+def graft_layer(
+    raw: tuple[jax.Array, ...],
+    preconditioned: tuple[jax.Array, ...],
+    dtype,
+) -> tuple[jax.Array, ...]:
+  r"""Grafting, not in the paper: BNP's direction, SGD's size.
+
+  Grafting (Agarwal et al., 2020) takes each layer's step direction from
+  one method and its size from another. Here the direction is BNP's
+  preconditioned gradient and the size that of the layer's raw gradient,
+  kernel and bias together:
+
+  .. math::
+    (G_w, G_b) \leftarrow (G_w, G_b) \,
+      \frac{\lVert (G_w^{raw}, G_b^{raw}) \rVert}
+           {\lVert (G_w, G_b) \rVert},
+
+  so the layer's step is as long as SGD's at the same learning rate (and a
+  learning rate tuned for SGD carries over), while the preconditioning still
+  decides how it is shared between the weights and the bias.
+  ``docs/howto/learning_rate.md`` compares this with other ways of matching
+  the size. A zero preconditioned gradient stays zero (no ``0 / 0``).
+
+  Args:
+    raw: the layer's raw gradients (kernel, and bias if any).
+    preconditioned: the same, preconditioned by BNP.
+    dtype: the dtype the norms are computed in (the statistics' dtype).
+
+  Returns:
+    ``preconditioned`` rescaled, each leaf in its own dtype.
+  """
+  def norm(leaves):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(dtype)))
+                        for leaf in leaves))
+
+  raw_norm, new_norm = norm(raw), norm(preconditioned)
+  scale = raw_norm / jnp.where(new_norm > 0, new_norm, 1)
+  return tuple((leaf.astype(dtype) * scale).astype(leaf.dtype)
+               for leaf in preconditioned)
+
+
+def _graft_mode(graft):
+  """``None`` (off), ``True``, or the traced flag to select with at run time.
+
+  A Python or NumPy boolean decides when the transformation is built (off:
+  no operation at all, the paper's update bit for bit); a traced one
+  (``optax.inject_hyperparams``) selects each step.
+  """
+  value = _concrete_value(graft)
+  if value is None:
+    return graft
+  return True if bool(value) else None
+
+
+def _grafted(raw, preconditioned, dtype, graft):
+  """graft_layer on ``(kernel, bias or None)``; ``graft`` traced or True.
+
+  ``graft=None`` (off) returns ``preconditioned`` unchanged.
+  """
+  if graft is None:
+    return preconditioned
+  present = tuple(i for i, leaf in enumerate(preconditioned)
+                  if leaf is not None)
+  grafted = graft_layer(tuple(raw[i] for i in present),
+                        tuple(preconditioned[i] for i in present), dtype)
+  if graft is not True:
+    grafted = tuple(jnp.where(graft, new, preconditioned[i])
+                    for new, i in zip(grafted, present))
+  out = list(preconditioned)
+  for new, i in zip(grafted, present):
+    out[i] = new
+  return tuple(out)
+
+
 def scale_by_bnp(
     *,
     eps1: ArrayLike = DEFAULT_EPS1,
     eps2: ArrayLike = DEFAULT_EPS2,
     rho: ArrayLike = DEFAULT_RHO,
     debias: bool = False,
+    graft: bool | ArrayLike = False,
     layer_specs: layers_lib.LayerSpecs = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Batch Normalization Preconditioning of Dense and Conv gradients.
@@ -437,6 +516,13 @@ def scale_by_bnp(
       to precondition are the running averages with the pull of their initial
       values removed, ``(avg - rho^t init) / (1 - rho^t)`` after ``t`` steps,
       as Adam debiases its moments; the state still holds the plain averages.
+    graft: not in the paper, off by default. When true, each layer's
+      preconditioned gradient is rescaled to the norm of the layer's raw
+      gradient (kernel and bias together, ``graft_layer``): BNP's
+      direction with SGD's step size, so that the learning rate tuned for
+      SGD (or the optimizer chained after BNP) carries over. Off, the update
+      is the paper's, bit for bit. May be a traced boolean (then both are
+      computed and one selected each step).
     layer_specs: optional ``{layer path: LayerSpec}`` for kernels that are
       not laid out as Flax ``Dense`` (``(n_in, n_out)``) or ``Conv``
       (``(*window, c_in, c_out)``) kernels, needed when the optimizer state
@@ -481,6 +567,7 @@ def scale_by_bnp(
     (Sections 3.3 and 4, Algorithms 2 and 3).
   """
   _check_hyperparameters(eps1, eps2, rho)
+  graft = _graft_mode(graft)
 
   def init_fn(params: optax.Params) -> ScaleByBNPState:
     if is_params_placeholder(params):
@@ -512,7 +599,8 @@ def scale_by_bnp(
       raise ValueError(MISSING_LAYER_STATS)
     tree = layers_lib.parse_tree(updates, layer_specs)
     stats = layers_lib.flatten_layer_stats(layer_stats)
-    specs = layers_lib.match_statistics(tree, stats)
+    passed = layers_lib.not_preconditioned(layer_stats)
+    specs = layers_lib.match_statistics(tree, stats, passed)
     if set(state.running_stats) != set(tree.layers):
       raise ValueError(
           'scale_by_bnp: the optimizer state holds running statistics for '
@@ -522,16 +610,25 @@ def scale_by_bnp(
     count = optax.safe_increment(state.count)
     leaves = list(tree.leaves)
     new_running = {}
+    clipped = {}
     for name, layer in tree.layers.items():
+      if name not in specs:  # refused by the capture: passed through
+        new_running[name] = state.running_stats[name]
+        continue
       spec = specs[name]
       running = state.running_stats[name]
       if running.mean.shape != spec.statistics_shape(layer.kernel_shape):
         raise ValueError(layers_lib.state_mismatch_message(
             name, running.mean.shape, spec, layer.kernel_shape))
       batch = stats[name]
-      layer_eps1, layer_eps2, layer_rho = clip_hyperparameters(
-          eps1, eps2, rho, running.mean.dtype)
-      running = update_running_stats(running, batch, layer_rho)
+      layer_eps1, layer_eps2, layer_rho = _clipped_once(
+          clipped, eps1, eps2, rho, running.mean.dtype)
+      # A layer that saw no input (inside a scan of length 0) has nothing
+      # to estimate: its running statistics and gradient stay unchanged.
+      has_data = statistics.has_data(batch)
+      running = jax.tree.map(
+          lambda new, old, has_data=has_data: jnp.where(has_data, new, old),
+          update_running_stats(running, batch, layer_rho), running)
       new_running[name] = running
       if debias:
         running = debiased(running, layer_rho, count)
@@ -548,9 +645,14 @@ def scale_by_bnp(
           eps1=layer_eps1,
           eps2=layer_eps2,
       )
-      leaves[layer.kernel_index] = new_kernel
+      new_kernel, new_bias = _grafted(
+          (leaves[layer.kernel_index], bias_grad), (new_kernel, new_bias),
+          running.mean.dtype, graft)
+      leaves[layer.kernel_index] = jnp.where(
+          has_data, new_kernel, leaves[layer.kernel_index])
       if new_bias is not None:
-        leaves[layer.bias_index] = new_bias
+        leaves[layer.bias_index] = jnp.where(
+            has_data, new_bias, leaves[layer.bias_index])
     new_updates = jax.tree_util.tree_unflatten(tree.treedef, leaves)
     return new_updates, ScaleByBNPState(
         count=count, running_stats=new_running

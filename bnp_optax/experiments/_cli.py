@@ -23,6 +23,7 @@ from bnp_optax.experiments import _config
 from bnp_optax.experiments import _data
 from bnp_optax.experiments import _deps
 from bnp_optax.experiments import _files
+from bnp_optax.experiments import _manifest
 from bnp_optax.experiments import _methods
 from bnp_optax.experiments import _models
 from bnp_optax.experiments import _plot
@@ -217,19 +218,62 @@ def _plan(configs, options, out_dir: pathlib.Path, plot_path):
         _check_same_config(path, config)
         action = 'keep'
       else:
+        done = [c for c in configs
+                if (out_dir / f'{c.run_name()}.json').exists()]
         raise UsageError(
-            f'the result of this configuration exists: {path}; pass '
-            '--overwrite to replace it or --skip-existing to keep it')
+            f'{len(done)} of the {len(configs)} planned run(s) finished '
+            'before (same configuration): pass --skip-existing to keep them '
+            'and train only the rest, or --overwrite to train them again. '
+            f'First: {path}')
     resume = False
-    if action != 'keep' and ckpt is not None and ckpt.exists():
-      if options.resume:
-        resume = True
-      elif not options.overwrite:
+    if action != 'keep' and options.resume:
+      resume = _resumable(config, name, ckpt)
+    elif action != 'keep' and ckpt is not None and ckpt.exists():
+      if not options.overwrite:
         raise UsageError(
             f'an interrupted run left its checkpoint in {ckpt}; pass '
             '--resume to continue it or --overwrite to start it again')
     planned.append(_Planned(config, path, action, ckpt, resume))
   return planned
+
+
+def human_time(seconds: float) -> str:
+  """A duration in the unit a person reads: us, ms or s, three digits.
+
+  Example:
+    >>> human_time(0.894351), human_time(0.000123), human_time(2.5e-6)
+    ('894 ms', '123 us', '2.5 us')
+  """
+  for unit, scale in (('s', 1.0), ('ms', 1e-3), ('us', 1e-6)):
+    if seconds >= 0.9995 * scale or unit == 'us':  # 999.9 us is 1 ms.
+      value = seconds / scale
+      return f'{value:.3g} {unit}' if value < 1000 else f'{value:.0f} {unit}'
+  raise AssertionError('unreachable')
+
+
+def _resumable(config, name, ckpt) -> bool:
+  """Whether ``--resume`` continues the run; says so when it cannot.
+
+  The checkpoint is probed here, before any data is loaded or step
+  compiled: another configuration's or a damaged one is an error.
+  """
+  if ckpt is None:
+    print(f'--resume: {name} starts from step 0: {config.model} runs are '
+          'not checkpointed unless --checkpoint always', flush=True)
+    return False
+  try:
+    step = _manifest.probe(ckpt, _config.canonical(config))
+  except _manifest.CheckpointError as e:
+    raise UsageError(f'{e}; pass --overwrite to start {name} again, '
+                     'without it') from None
+  if step is None:
+    print(f'--resume: {name} has no checkpoint (in {ckpt.parent}; the '
+          'first is saved at its first evaluation): it starts from step 0',
+          flush=True)
+    return False
+  print(f'--resume: {name} continues from its checkpoint at step {step}',
+        flush=True)
+  return True
 
 
 def _check_same_config(path, config):
@@ -269,6 +313,47 @@ def _load_data(configs, options):
   return prepared
 
 
+def _train_and_write(p, prepared, progress, signals):
+  """Trains the planned run ``p`` and writes its JSON; returns the result."""
+  config = p.config
+  lr, source = config.resolved_learning_rate()
+  print(f'-- {config.model} {config.dataset} bs{config.batch_size} '
+        f'{config.method} seed {config.seed}: lr {lr:g} ({source})',
+        flush=True)
+  if p.checkpoint is not None and not p.resume:
+    shutil.rmtree(p.checkpoint, ignore_errors=True)
+  try:
+    result = _train.train(
+        config, prepared[_data_key(config)],
+        progress=progress, stop=signals, checkpoint_dir=p.checkpoint,
+        resume=p.resume)
+  except _train.Interrupted as e:
+    e.run, e.checkpoint = config.run_name(), p.checkpoint
+    raise
+  except _manifest.CheckpointError as e:
+    raise UsageError(f'{e}; pass --overwrite to start '
+                     f'{config.run_name()} again, without it') from None
+  t = result['timing']
+  print(f'   done in {t["total_s"]:.1f}s (compile {t["compile_s"]:.1f}s, '
+        f'per step: data {human_time(t["data_us_per_step"] * 1e-6)}, '
+        f'compiled step {human_time(t["step_us_per_step"] * 1e-6)}; '
+        f'eval {t["eval_s"]:.1f}s)', flush=True)
+  try:
+    _files.write_json(p.path, result, replace=p.action == 'replace')
+  except _files.ResultExists:
+    raise UsageError(
+        f'{p.path} was written by another process meanwhile; it was '
+        "kept and this run's result discarded") from None
+  print(f'   wrote {p.path}', flush=True)
+  if p.checkpoint is not None:
+    shutil.rmtree(p.checkpoint, ignore_errors=True)
+    try:
+      p.checkpoint.parent.rmdir()  # Only when no other run has one.
+    except OSError:
+      pass
+  return result
+
+
 def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
             signals, plot_path=None, title=None) -> list[dict]:
   """Checks everything, then trains ``configs`` and writes their JSONs."""
@@ -276,66 +361,49 @@ def execute(configs, options: _config.Options, out_dir: pathlib.Path, *,
   prepared = _load_data(configs, options)
   signals.check()
   first = prepared[_data_key(configs[0])]
-  created = not out_dir.exists()
-  out_dir.mkdir(parents=True, exist_ok=True)
-  locks = [_files.Lock(out_dir / f'.{p.path.stem}.lock') for p in planned
-           if p.action != 'keep']
+  # Whoever makes the directory may remove it again, and only while it is
+  # empty: two invocations that both found it missing must not delete each
+  # other's runs.
   try:
-    try:
-      for lock in locks:
-        lock.acquire()
-    except _files.FileError:
-      for lock in locks:
-        lock.release()
-      if created:
-        shutil.rmtree(out_dir, ignore_errors=True)
-      raise
-    held_out = ('' if first.x_val is None else
-                f'{len(first.x_val)} held out for validation / ')
-    print(f'{configs[0].dataset}: {len(first.x_train)} train / {held_out}'
-          f'{len(first.x_test)} test from {first.source}; {len(configs)} '
-          f'run(s) -> {out_dir}', flush=True)
-    progress = options.progress and sys.stdout.isatty()
-    results = []
-    for p in planned:
-      signals.check()
-      config = p.config
-      if p.action == 'keep':
-        with open(p.path) as f:
-          results.append(json.load(f))
-        print(f'kept {p.path}')
-        continue
-      lr, source = config.resolved_learning_rate()
-      print(f'-- {config.model} {config.dataset} bs{config.batch_size} '
-            f'{config.method} seed {config.seed}: lr {lr:g} ({source})',
-            flush=True)
-      if p.checkpoint is not None and not p.resume:
-        shutil.rmtree(p.checkpoint, ignore_errors=True)
-      result = _train.train(
-          config, prepared[_data_key(config)],
-          progress=progress, stop=signals, checkpoint_dir=p.checkpoint,
-          resume=p.resume)
-      t = result['timing']
-      print(f'   done in {t["total_s"]:.1f}s (compile {t["compile_s"]:.1f}s, '
-            f'per step: data {t["data_us_per_step"]:.0f}us, compiled step '
-            f'{t["step_us_per_step"]:.0f}us; eval {t["eval_s"]:.1f}s)',
-            flush=True)
+    out_dir.mkdir(parents=True)
+    created = True
+  except FileExistsError:
+    created = False
+  locks = {id(p): _files.Lock(out_dir / f'.{p.path.stem}.lock')
+           for p in planned}
+  try:
+    # Before training: a run another process is writing is an error; the
+    # stale locks of dead processes (a killed earlier invocation) go, those
+    # of kept runs included.
+    for lock in locks.values():
+      lock.check()
+  except _files.FileError:
+    if created:
       try:
-        _files.write_json(p.path, result, replace=p.action == 'replace')
-      except _files.ResultExists:
-        raise UsageError(
-            f'{p.path} was written by another process meanwhile; it was '
-            "kept and this run's result discarded") from None
-      print(f'   wrote {p.path}', flush=True)
-      if p.checkpoint is not None:
-        shutil.rmtree(p.checkpoint, ignore_errors=True)
-        try:
-          p.checkpoint.parent.rmdir()  # Only when no other run has one.
-        except OSError:
-          pass
-      results.append(result)
-  finally:
-    for lock in locks:
+        out_dir.rmdir()
+      except OSError:
+        pass
+    raise
+  held_out = ('' if first.x_val is None else
+              f'{len(first.x_val)} held out for validation / ')
+  print(f'{configs[0].dataset}: {len(first.x_train)} train / {held_out}'
+        f'{len(first.x_test)} test from {first.source}; {len(configs)} '
+        f'run(s) -> {out_dir}', flush=True)
+  progress = options.progress and sys.stdout.isatty()
+  results = []
+  for p in planned:
+    signals.check()
+    if p.action == 'keep':
+      with open(p.path) as f:
+        results.append(json.load(f))
+      print(f'kept {p.path}')
+      continue
+    # Each run's lock is held while that run trains and is written only.
+    lock = locks[id(p)]
+    lock.acquire()
+    try:
+      results.append(_train_and_write(p, prepared, progress, signals))
+    finally:
       lock.release()
   print()
   print(_plot.summary_table(results))
@@ -388,15 +456,25 @@ def _cmd_suite(args, signals):
 
 def _cmd_plot(args, signals):
   del signals
-  _files.check_output_file(pathlib.Path(args.output), '-o/--output')
-  _deps.require('matplotlib', 'plot')
+  if args.output is not None:
+    _files.check_output_file(pathlib.Path(args.output), '-o/--output')
+    _deps.require('matplotlib', 'plot')
+  if args.csv is not None:
+    _files.check_output_file(pathlib.Path(args.csv), '--csv')
+
+  def skipped(path, why):
+    print(f'skipped {path}: {why}', file=sys.stderr)
+
   try:
-    results = _results.load_results(args.paths)
+    results = _results.load_results(args.paths, on_skip=skipped)
     table = _plot.summary_table(results)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from None
   print(table)
-  print(f'figure: {_plot.plot(results, args.output, title=args.title)}')
+  if args.csv is not None:
+    print(f'table: {_plot.write_summary_csv(results, args.csv)}')
+  if args.output is not None:
+    print(f'figure: {_plot.plot(results, args.output, title=args.title)}')
 
 
 def _cmd_list(args, signals):
@@ -419,8 +497,12 @@ def _cmd_list(args, signals):
         continue
       print(f'      {method}: ' + ', '.join(
           f'{k}={v}' for k, v in settings.items()))
-  print("the paper's learning rates (Tables 2 and 3):")
+  print("the paper's learning rates (Tables 2 and 3), the defaults of runs "
+        'without --lr (digits takes the MNIST rows; the rule: '
+        'help(bnp_optax.experiments.default_learning_rate)):')
   for (model, dataset, bs), lrs in _methods.LEARNING_RATES.items():
+    if dataset not in _data.DATASETS:  # ResNet-18 on ImageNet.
+      continue
     rates = ', '.join(f'{k} {v:g}' for k, v in lrs.items())
     print(f'  {model:<17} {dataset:<9} bs {bs:<4} {rates}')
 
@@ -496,16 +578,47 @@ def build_parser() -> argparse.ArgumentParser:
                         _config.Options)
   _add_sweep_arguments(p)
   p.set_defaults(func=_cmd_suite)
-  p = sub.add_parser('plot', help='figure (PNG) from run JSON files',
-                     description=_PLOT_NOTE)
+  p = sub.add_parser('plot', help='summary table (text, CSV) and figure '
+                     '(PNG) from run JSON files', description=_PLOT_NOTE)
   p.add_argument('paths', nargs='+', help='JSON files or directories '
-                 '(searched recursively)')
-  p.add_argument('-o', '--output', required=True, help='PNG to write')
+                 '(searched recursively; files there that are not run '
+                 'results are skipped, and named on stderr)')
+  p.add_argument('-o', '--output', default=None,
+                 help='PNG to write (default: none, the table only)')
+  p.add_argument('--csv', default=None, metavar='CSV',
+                 help='also write the summary table as CSV')
   p.add_argument('--title', default=None, help='figure title (default: none)')
   p.set_defaults(func=_cmd_plot)
   p = sub.add_parser('list', help='methods, models, suites, learning rates')
   p.set_defaults(func=_cmd_list)
   return parser
+
+
+def _interrupted_message(e) -> str:
+  """What an interrupt kept, what it lost, and how to keep it next time."""
+  text = (f'interrupted ({signal.Signals(e.signum).name}): finished runs '
+          'are saved')
+  run = getattr(e, 'run', None)
+  if run is None:
+    return text + '.'
+  steps = '' if e.step is None else f' ({e.step} steps)'
+  ckpt = getattr(e, 'checkpoint', None)
+  if ckpt is None:
+    return (f'{text}; the progress of {run}{steps} is lost: it was not '
+            'checkpointed. To keep it next time, pass --checkpoint always '
+            '(a checkpoint at each evaluation), then --resume after an '
+            'interrupt.')
+  try:
+    step = max((int(d.name) for d in ckpt.iterdir() if d.name.isdigit()),
+               default=None)
+  except OSError:
+    step = None
+  if step is None:
+    return (f'{text}; {run}{steps} is lost: it was interrupted before its '
+            'first checkpoint (saved at each evaluation).')
+  return (f'{text}; {run} keeps its checkpoint at step {step} in {ckpt} '
+          '(the steps after it are lost): rerun the same command with '
+          '--resume to continue it.')
 
 
 def main(argv=None) -> int:
@@ -519,10 +632,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except _train.Interrupted as e:
-    name = signal.Signals(e.signum).name
-    print(f'interrupted ({name}): finished runs are saved, the current run '
-          'is not (runs with checkpoints continue with --resume)',
-          file=sys.stderr)
+    print(_interrupted_message(e), file=sys.stderr)
     return 128 + e.signum
   if args.command in ('run', 'suite'):
     print(f'total {time.perf_counter() - start:.1f}s')

@@ -102,12 +102,13 @@ class RunConfig:
       'and 3, see `list`)', check=_positive, flag='--lr')
   optimizer: str | None = _field(
       None, "base optimizer after BNP; none: the method's (adam for bn4, "
-      'sgd for the others, as the paper)',
+      'adamw for adamw and bnp_adamw, sgd for the others, as the paper)',
       choices=tuple(_methods.OPTIMIZERS))
   momentum: float = _field(0.9, 'momentum of the momentum optimizer',
                            check=_unit_interval)
   weight_decay: float = _field(0.0, 'L2 weight decay added to the gradient '
-                               '(before BNP)', check=_non_negative)
+                               '(before BNP); with adamw, its decoupled '
+                               'weight decay instead', check=_non_negative)
   warmup_steps: int = _field(0, 'linear learning-rate warm-up steps',
                              check=_at_least(0))
   warmup_init: float = _field(0.01, 'learning rate at step 0 of the warm-up',
@@ -221,7 +222,7 @@ class RunConfig:
   def resolved_learning_rate(self) -> tuple[float, str]:
     """The learning rate and where it comes from."""
     if self.learning_rate is not None:
-      return float(self.learning_rate), 'command line'
+      return float(self.learning_rate), "given (--lr, or the suite's rate)"
     return _methods.default_learning_rate(self.model, self.dataset,
                                           self.batch_size, self.method)
 

@@ -73,6 +73,25 @@ class Lock:
     self.path = path
     self.held = False
 
+  def _held_by_another(self, owner):
+    return FileError(
+        f'another process ({owner}) is writing the run of '
+        f'{self.path.name[1:-5]} into {self.path.parent}; wait for it to '
+        f'finish (or remove {self.path} if it is gone)')
+
+  def check(self):
+    """Raises FileError when another live process holds the lock.
+
+    A stale lock (its process gone) is removed.
+    """
+    if not os.path.lexists(self.path):
+      return
+    owner = self._owner()
+    if owner is None:
+      self.path.unlink(missing_ok=True)
+      return
+    raise self._held_by_another(owner)
+
   def acquire(self):
     """Takes the lock; raises FileError when another process holds it."""
     for _ in range(2):
@@ -83,10 +102,7 @@ class Lock:
         if owner is None:  # Its process is gone: a stale lock.
           self.path.unlink(missing_ok=True)
           continue
-        raise FileError(
-            f'another process ({owner}) is writing the run of '
-            f'{self.path.name[1:-5]} into {self.path.parent}; wait for it to '
-            f'finish (or remove {self.path} if it is gone)') from None
+        raise self._held_by_another(owner) from None
       with os.fdopen(fd, 'w') as f:
         f.write(f'{socket.gethostname()} {os.getpid()}\n')
       self.held = True

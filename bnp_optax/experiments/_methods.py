@@ -31,6 +31,9 @@ class Method:
       Appendix B).
     rate_from: the method whose rate in the paper's tables this one takes
       where the tables have none for it (see :func:`default_learning_rate`).
+    graft: BNP with ``graft=True`` (not in the paper): each layer's step
+      has the length of its raw gradient, so the rate is the base
+      optimizer's own (``docs/howto/learning_rate.md``).
     colour: its colour in figures; None: the next of a cycle.
     arch: another architecture of the model (``_normfree.py``): ``'gn_ws'``
       (GroupNorm + Weight Standardization) or ``'nf'`` (normaliser-free);
@@ -48,6 +51,7 @@ class Method:
   bnp: bool
   optimizer: str = 'sgd'
   rate_from: str | None = None
+  graft: bool = False
   colour: str | None = None
   arch: str | None = None
   bnp_variant: str = 'full'
@@ -76,14 +80,18 @@ METHODS = {
         Method('gn', 'GN', 'gn', False, rate_from='bn', colour='#8c564b'),
         Method('bnp', 'BNP', 'none', True, colour='#ff7f0e'),
         Method('bnp_gn', 'BNP+GN', 'gn', True, colour='#e377c2'),
+        Method('bnp_graft', 'BNP graft', 'none', True, rate_from='vanilla',
+               graft=True, colour='#bcbd22'),
         # Summers and Dinneen (2020), see _bn4.py.
         Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam',
                colour='#17becf'),
-        # Today's methods (docs/comparison.md, _modern.py, _normfree.py).
+        # AdamW (decoupled weight decay, --weight-decay) and BNP chained
+        # before it: the Transformer comparison (docs/transformers.md) and
+        # today's methods (docs/comparison.md, _modern.py, _normfree.py).
         Method('adamw', 'AdamW', 'none', False, optimizer='adamw',
-               colour='#7f7f7f'),
+               colour='#2ca02c'),
         Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw',
-               colour='#bcbd22'),
+               colour='#9467bd'),
         Method('centring_adamw', 'BNP centring+AdamW', 'none', True,
                optimizer='adamw', bnp_variant='centring', colour='#aec7e8'),
         Method('muon', 'Muon', 'none', False, optimizer='muon',
@@ -105,16 +113,16 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     'momentum': lambda learning_rate, config: optax.sgd(
         learning_rate, momentum=config.momentum),
     'adam': lambda learning_rate, config: optax.adam(learning_rate),
-    # The comparison's (_modern.py): the run's weight_decay is their
-    # decoupled decay, not an L2 term (see _train.make_optimizer).
+    # Decoupled weight decay: --weight-decay is AdamW's (and Muon's) own,
+    # applied after BNP, and never added to the gradient.
     'adamw': lambda learning_rate, config: optax.adamw(
         learning_rate, weight_decay=config.weight_decay),
     'muon': lambda learning_rate, config: _modern.muon(
         learning_rate, config.weight_decay),
     'kfac': lambda learning_rate, config: _modern.kfac(),
 }
-# Base optimizers that take the run's weight decay themselves (decoupled).
-DECOUPLED_WEIGHT_DECAY = ('adamw', 'muon')
+# Base optimizers that apply --weight-decay themselves.
+DECOUPLED_WEIGHT_DECAY = frozenset({'adamw', 'muon'})
 
 # The paper's best learning rates, keyed (model, dataset, batch size).
 # Table 2 (fully connected network, SGD) and Table 3 (CNNs; bn4 with Adam).
@@ -138,16 +146,28 @@ LEARNING_RATES = {
 FALLBACK_LEARNING_RATE = 1e-2
 
 
+def _same_data(dataset: str) -> str:
+  """The dataset whose rows of the tables are a run's own.
+
+  ``digits`` (scikit-learn's 8x8 digits, the offline stand-in for MNIST)
+  takes MNIST's.
+  """
+  return 'mnist' if dataset == 'digits' else dataset
+
+
 def default_learning_rate(model: str, dataset: str, batch_size: int,
                           method: str) -> tuple[float, str]:
   """The paper's learning rate for a run, and where it comes from.
 
   The paper's tables give a rate for some (model, dataset, batch size,
-  method) only. The rule: among the same model's entries that have the
-  method, the nearest batch size (in log scale) first, then the same
-  dataset, then MNIST (for ``digits``), then CIFAR-10; for a method
-  without any entry, the rate of its ``rate_from`` method chosen the same
-  way (BN's for Batch Renorm, LN and GN); finally
+  method) only. The rule: the same model's entries for the run's own
+  dataset (MNIST's for ``digits``) that have the method, the nearest batch
+  size (in log scale); for a method without one, the rate of its
+  ``rate_from`` method chosen the same way (BN's for Batch Renorm, LN and
+  GN). A rate is never borrowed from another dataset silently: only when
+  the run's dataset has no entry for the method or its ``rate_from``,
+  the nearest entry of another dataset (CIFAR-10 first) is used, and the
+  source says ``borrowed from DATASET`` and to pass ``--lr``. Finally
   :data:`FALLBACK_LEARNING_RATE` (so for BN with 4 Things, trained with
   Adam, outside the 5-layer CNN: never BN's SGD rate).
 
@@ -158,36 +178,46 @@ def default_learning_rate(model: str, dataset: str, batch_size: int,
     method: method name.
 
   Returns:
-    ``(learning_rate, source)``, the source a short human-readable note.
+    ``(learning_rate, source)``, the source a short human-readable note
+    naming the table entry used.
 
   Example:
     >>> default_learning_rate('fc', 'mnist', 60, 'bnp')
     (0.5, 'Table 2: fc, mnist, batch size 60')
+    >>> default_learning_rate('fc', 'mnist', 1, 'vanilla')
+    (0.1, 'Table 2: fc, mnist, batch size 60 (nearest batch size)')
   """
-  dataset_order = [dataset] + (['mnist'] if dataset == 'digits' else []) + [
-      d for d in ('mnist', 'cifar10', 'cifar100', 'imagenet')
-      if d != dataset]
+  own = _same_data(dataset)
+  others = [d for d in ('cifar10', 'mnist', 'cifar100', 'imagenet')
+            if d != own]
   rows = [(k, v) for k, v in LEARNING_RATES.items() if k[0] == model]
   known = _models.MODELS.get(model)
   table = (known and known.paper_table) or 'tables'
 
-  def distance(key):
-    _, d, bs = key
-    rank = dataset_order.index(d) if d in dataset_order else len(
-        dataset_order)
-    return (round(abs(math.log(bs) - math.log(max(batch_size, 1))), 6),
-            rank, bs)
+  def batch_distance(key):
+    return (round(abs(math.log(key[2]) - math.log(max(batch_size, 1))), 6),
+            key[2])
 
   rate_from = METHODS[method].rate_from if method in METHODS else None
-  for name in (method,) + ((rate_from,) if rate_from else ()):
-    candidates = [(k, v) for k, v in rows if name in v]
-    if candidates:
-      (m, d, bs), lrs = min(candidates, key=lambda kv: distance(kv[0]))
+  names = (method,) + ((rate_from,) if rate_from else ())
+  for datasets in ([own], others):
+    for name in names:
+      candidates = [(k, v) for k, v in rows if name in v and k[1] in datasets]
+      if not candidates:
+        continue
+      (m, d, bs), lrs = min(
+          candidates,
+          key=lambda kv: (datasets.index(kv[0][1]),) + batch_distance(kv[0]))
       note = f'{table}: {m}, {d}, batch size {bs}'
       if name != method:
         note += (f', {METHODS[name].label} rate (the paper has none for '
                  f'{method})')
-      elif (d, bs) != (dataset, batch_size):
-        note += ' (nearest entry)'
+      if d != own:
+        note += (f' (borrowed from {d}: the paper has no {own} rate for '
+                 f'{method}; pass --lr to choose one)')
+      elif bs != batch_size:
+        note += ' (nearest batch size)'
+      if dataset != own and d == own:
+        note += f' ({own} rate, for {dataset})'
       return lrs[name], note
   return FALLBACK_LEARNING_RATE, "default (not in the paper's tables)"

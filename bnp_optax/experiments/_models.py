@@ -48,6 +48,7 @@ import optax
 
 from bnp_optax.experiments import _batch_renorm
 from bnp_optax.experiments import _bn4
+from bnp_optax.experiments import _vit
 
 NORMS = ('none', 'bn', 'renorm', 'ln', 'gn', 'bn4')
 
@@ -368,6 +369,15 @@ def _resnet18(norm, num_classes, o):
                 bn4=o.bn4)
 
 
+def _vit_model(norm, num_classes, o, *, vit_norm):
+  del o
+  if norm != 'none':
+    raise ValueError(
+        f'the ViT has its own normalisation ({vit_norm!r}); use a method '
+        f"without one (norm 'none'), not {norm!r}")
+  return _vit.ViT(num_classes=num_classes, norm=vit_norm)
+
+
 # The model table. Adding a model: its linen module and builder above, one
 # entry here; the CLI, the run identity's choices, `list`, the steps per
 # call, checkpointing and the paper's rate lookup all read this table.
@@ -386,6 +396,14 @@ MODELS = {m.name: m for m in (
           convolutional=True, checkpoints=True, paper_table='Table 3'),
     Model('resnet18', _resnet18, convolutional=True, checkpoints=True,
           paper_table='Table 3'),
+    # The Transformer comparison (docs/transformers.md): a small ViT whose
+    # normalisation is its own (_vit.py), with a method of norm 'none'.
+    Model('vit', functools.partial(_vit_model, vit_norm='ln'),
+          convolutional=False, checkpoints=False),
+    Model('vit_dyt', functools.partial(_vit_model, vit_norm='dyt'),
+          convolutional=False, checkpoints=False),
+    Model('vit_nonorm', functools.partial(_vit_model, vit_norm='none'),
+          convolutional=False, checkpoints=False),
 )}
 
 

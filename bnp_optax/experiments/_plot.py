@@ -13,6 +13,7 @@ seed are an error, never averaged.
 import collections
 import json
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -157,6 +158,7 @@ def plot(results, output, *, title: str | None = None,
     methods = [runs[0]['config']['method'] for runs in groups.values()]
     by_method = len(set(methods)) == len(methods)
     acc_range = []  # Accuracies after epoch 0, to zoom the axis on them.
+    acc_all = []
     x_all = []
     handles = []
     for i, (_, runs) in enumerate(sorted_groups(groups)):
@@ -178,6 +180,7 @@ def plot(results, output, *, title: str | None = None,
                       color=colour, label=label)
       handles.append(line)
       acc_range += [v for v in acc[:, x > 0].ravel() if np.isfinite(v)]
+      acc_all += [v for v in acc.ravel() if np.isfinite(v)]
       if len(runs) > 1:
         ax.fill_between(x, np.nanmin(acc, 0), np.nanmax(acc, 0),
                         color=colour, alpha=0.2, linewidth=0)
@@ -218,10 +221,9 @@ def plot(results, output, *, title: str | None = None,
     lo_x, hi_x = min(x_all), max(x_all)
     pad = 0.02 * (hi_x - lo_x) if hi_x > lo_x else 0.05
     ax.set_xlim(lo_x - pad, hi_x + pad)  # Where the data is, not from 0.
-    if acc_range:
-      lo, hi = min(acc_range), max(acc_range)
-      ax.set_ylim(max(0.0, lo - 0.1 * (hi - lo) - 0.5),
-                  min(100.0, hi + 0.05 * (hi - lo) + 0.5))
+    limits = accuracy_limits(acc_all, acc_range, len(set(x_all)))
+    if limits is not None:
+      ax.set_ylim(*limits)
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, loc='upper center',
               bbox_to_anchor=(0.5, -0.12), ncol=1, fontsize=8,
@@ -236,6 +238,65 @@ def plot(results, output, *, title: str | None = None,
   return output
 
 
+# Curves with at most this many evaluations show every point, the untrained
+# network's (epoch 0) included; longer ones zoom on the accuracies after
+# epoch 0, where the methods differ.
+SHOW_ALL_POINTS_UP_TO = 12
+
+
+def accuracy_limits(all_values, after_start, num_points):
+  """The accuracy axis' limits (%), or None when there is nothing to show.
+
+  Args:
+    all_values: every finite accuracy plotted (%).
+    after_start: those after epoch 0.
+    num_points: how many evaluations the curves have (distinct epochs).
+
+  Example:
+    >>> accuracy_limits([10.0, 80.0, 90.0], [80.0, 90.0], 3)
+    (5.5, 94.5)
+  """
+  values = (all_values if num_points <= SHOW_ALL_POINTS_UP_TO
+            or not after_start else after_start)
+  if not values:
+    return None
+  lo, hi = min(values), max(values)
+  return (max(0.0, lo - 0.05 * (hi - lo) - 0.5),
+          min(100.0, hi + 0.05 * (hi - lo) + 0.5))
+
+
+def summary_rows(results) -> list[dict[str, Any]]:
+  """One row per configuration (over its seeds): final loss and accuracy.
+
+  The numbers unrounded, for a CSV; :func:`summary_table` formats them.
+
+  Raises:
+    ValueError: two results of one configuration with the same seed.
+  """
+  rows = []
+  for (model, dataset, bs), groups in sorted(group_results(results).items()):
+    fields = _differing(groups)
+    for group, runs in sorted_groups(groups):
+      losses = [r['final']['train_loss'] for r in runs]
+      losses = [np.nan if v is None else v for v in losses]
+      accs = 100 * np.array([r['final']['test_accuracy'] for r in runs])
+      described = _describe(runs[0], [f for f in fields
+                                       if f != 'learning_rate'])
+      config = runs[0]['config']
+      rows.append(dict(
+          model=model, dataset=dataset, batch_size=bs,
+          method=config['method'], learning_rate=config['learning_rate'],
+          optimizer=config.get('optimizer'), epochs=config.get('epochs'),
+          seeds=len(runs), train_loss_mean=float(np.mean(losses)),
+          test_accuracy_mean=float(accs.mean()),
+          test_accuracy_min=float(accs.min()),
+          test_accuracy_max=float(accs.max()),
+          time_per_run_s=float(np.mean([r['timing']['total_s']
+                                        for r in runs])),
+          config=group, differs=described))
+  return rows
+
+
 def summary_table(results) -> str:
   """A plain-text table: final loss and accuracy per configuration.
 
@@ -248,26 +309,32 @@ def summary_table(results) -> str:
   """
   rows = [('model', 'dataset', 'bs', 'method', 'lr', 'seeds', 'train loss',
            'test acc (mean, min-max)', 'time/run', 'config')]
-  for (model, dataset, bs), groups in sorted(group_results(results).items()):
-    fields = _differing(groups)
-    for group, runs in sorted_groups(groups):
-      losses = [r['final']['train_loss'] for r in runs]
-      losses = [np.nan if v is None else v for v in losses]
-      accs = 100 * np.array([r['final']['test_accuracy'] for r in runs])
-      secs = np.mean([r['timing']['total_s'] for r in runs])
-      described = _describe(runs[0], [f for f in fields
-                                       if f != 'learning_rate'])
-      rows.append((
-          model, dataset, str(bs), runs[0]['config']['method'],
-          f'{runs[0]["config"]["learning_rate"]:g}', str(len(runs)),
-          f'{np.mean(losses):.4g}',
-          f'{accs.mean():.2f}% ({accs.min():.2f}-{accs.max():.2f})',
-          f'{secs:.1f}s', f'{group} {described}'.strip()))
+  for r in summary_rows(results):
+    rows.append((
+        r['model'], r['dataset'], str(r['batch_size']), r['method'],
+        f'{r["learning_rate"]:g}', str(r['seeds']),
+        f'{r["train_loss_mean"]:.4g}',
+        f'{r["test_accuracy_mean"]:.2f}% ({r["test_accuracy_min"]:.2f}-'
+        f'{r["test_accuracy_max"]:.2f})',
+        f'{r["time_per_run_s"]:.1f}s', f'{r["config"]} {r["differs"]}'.strip()))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
            for r in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))
   return '\n'.join(lines)
+
+
+def write_summary_csv(results, path) -> pathlib.Path:
+  """Writes :func:`summary_rows` as CSV (one header line) to ``path``."""
+  import csv  # pylint: disable=g-import-not-at-top
+
+  rows = summary_rows(results)
+  path = pathlib.Path(path)
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
 
 
 _KAPPAS = (

@@ -1,4 +1,11 @@
-"""One training run: model, optimizer, jit-compiled steps, evaluation, JSON.
+"""One training run: the compiled step, the batches, evaluation, the loop.
+
+:class:`Trainer` holds the run's model, optimizer and compiled functions,
+:class:`Batches` cuts the epochs into evaluation segments and chunks,
+:class:`Evaluator` measures the test set and the held-out split, and
+:func:`train` is the loop over them that returns the result
+(``_results``), saving checkpoints (``_checkpoints``) and taking Figure 8's
+condition numbers (``_conditioning``) on the way.
 
 A chunk of ``steps_per_call`` training steps is one jit-compiled call (a
 ``jax.lax.scan`` over the chunk's batches), so Python dispatch does not
@@ -13,9 +20,8 @@ separately.
 import datetime
 import json
 import math
-import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +30,8 @@ import optax
 
 import bnp_optax
 from bnp_optax.experiments import _bn4
+from bnp_optax.experiments import _checkpoints
+from bnp_optax.experiments import _conditioning
 from bnp_optax.experiments import _config
 from bnp_optax.experiments import _cost
 from bnp_optax.experiments import _data
@@ -41,9 +49,16 @@ RunConfig = _config.RunConfig
 class Interrupted(Exception):
   """Training stopped at a step boundary on a signal (SIGINT or SIGTERM)."""
 
-  def __init__(self, signum: int):
+  def __init__(self, signum: int, step: int | None = None):
     super().__init__(f'interrupted by signal {signum}')
     self.signum = signum
+    self.step = step  # The steps the interrupted run had done, if known.
+
+
+# Without a progress bar (not a terminal, or --no-progress), a line with the
+# step count at most this often, so that a long stretch between evaluations
+# (batch size 1: tens of seconds) shows that training goes on.
+PROGRESS_EVERY_S = 10.0
 
 
 def prepare_data(config: RunConfig, ds: _data.Dataset) -> _data.Dataset:
@@ -102,8 +117,8 @@ def _schedule(config: RunConfig, lr: float, steps_per_epoch: int):
   return schedule
 
 
-def make_optimizer(config: RunConfig, lr: float,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: RunConfig, lr: float, steps_per_epoch: int, *,
+                   layer_specs=None) -> optax.GradientTransformation:
   """The method's optimizer: [weight decay], [BNP], then SGD/momentum/Adam.
 
   The base optimizer is ``config.resolved_optimizer()`` (the method's when
@@ -111,7 +126,10 @@ def make_optimizer(config: RunConfig, lr: float,
   normalisation's ``gamma`` and ``beta`` comes first: ``wd * p`` added to
   the gradient of the bn4 layers' ``scale`` and ``bias`` only
   (``add_decayed_weights`` masked by ``_bn4.norm_param_mask``), coupled L2,
-  so Adam rescales it with the rest of the gradient.
+  so Adam rescales it with the rest of the gradient. With ``adamw`` the
+  weight decay is AdamW's own (decoupled, after BNP), not added to the
+  gradient. ``layer_specs`` go to ``scale_by_bnp`` (needed for
+  ``DenseGeneral`` kernels, e.g. the ViT's attention).
   """
   schedule = _schedule(config, lr, steps_per_epoch)
   method = _methods.METHODS[config.method]
@@ -132,7 +150,9 @@ def make_optimizer(config: RunConfig, lr: float,
   elif method.bnp:
     parts.append(bnp_optax.scale_by_bnp(eps1=config.eps1, eps2=config.eps2,
                                         rho=config.rho,
-                                        debias=config.bnp_debias))
+                                        debias=config.bnp_debias,
+                                        graft=method.graft,
+                                        layer_specs=layer_specs))
     if config.bnp_q != 'paper':
       parts.append(_qscale.undo_q_scaling(config.bnp_q))
   return optax.chain(*parts, base)
@@ -178,11 +198,19 @@ class Trainer:
     self.method = _methods.METHODS[config.method]
     self.model = make_model(config, num_classes)
     self.lr, self.lr_source = config.resolved_learning_rate()
-    self.tx = make_optimizer(config, self.lr, steps_per_epoch)
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     x0 = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
     variables = dict(self.model.init(init_key, x0, train=False))
+    layer_specs = None
+    if self.method.bnp:
+      # Every layer's kernel layout up front (traced, nothing computed):
+      # DenseGeneral kernels (the ViT's attention) need it.
+      layer_specs = bnp_optax.linen.layer_specs(
+          self.model, variables, x0, train=True,
+          mutable=[k for k in variables if k != 'params'])
+    self.tx = make_optimizer(config, self.lr, steps_per_epoch,
+                             layer_specs=layer_specs)
     params = variables.pop('params')
     # Raw key data, so that the carry can be masked with jnp.where.
     self.state = (params, variables, self.tx.init(params),
@@ -216,6 +244,18 @@ class Trainer:
                                         layer_stats=layer_stats)
     params = optax.apply_updates(params, updates)
     return (params, model_state, opt_state, jax.random.key_data(key)), loss
+
+  def compile_chunk(self, xs_shape: tuple[int, ...]):
+    """:meth:`chunk` compiled for uint8 images of shape ``xs_shape``.
+
+    Args:
+      xs_shape: ``(steps per call, batch size, *image shape)``.
+    """
+    steps, batch = xs_shape[:2]
+    return jax.jit(self.chunk).lower(
+        self.state, jax.ShapeDtypeStruct(xs_shape, jnp.uint8),
+        jax.ShapeDtypeStruct((steps, batch), jnp.int32),
+        jax.ShapeDtypeStruct((steps,), jnp.bool_)).compile()
 
   def chunk(self, state, xs, ys, valid):
     """``len(xs)`` steps in one scan; steps with ``valid=False`` are no-ops."""
@@ -269,45 +309,104 @@ def auto_steps_per_call(batch_size: int, steps_per_epoch: int, *,
   return max(1, min(steps_per_epoch, math.ceil(1024 / batch_size)))
 
 
-class _Conditioning:
-  """Figure 8: condition numbers of the output neuron's Hessian per step."""
+class Segment(NamedTuple):
+  """The training steps between two evaluations.
 
-  def __init__(self, trainer: 'Trainer'):
-    # pylint: disable=g-import-not-at-top
-    from bnp_optax import diagnostics
-    self.diagnostics = diagnostics
-    self.trainer = trainer
-    self.layer = f'Dense_{len(trainer.model.hidden)}'
-    self.rows = []
+  Attributes:
+    epoch: the epoch (fractional) at its end, where the evaluation is.
+    order: the epoch's order of the training examples.
+    chunks: ``(first step in the epoch, steps)`` of each compiled call.
+  """
 
-  def before(self, state, x, y):
-    params, model_state, _, _ = state
-    return self.diagnostics.neuron_hessian(
-        self.trainer.model, {'params': params, **model_state}, _to_float(x),
-        jax.tree_util.Partial(_models.cross_entropy, labels=jnp.asarray(y)),
-        layer=self.layer, neuron=0)
+  epoch: float
+  order: np.ndarray
+  chunks: list[tuple[int, int]]
 
-  def after(self, step, loss, nh, state):
-    d = self.diagnostics
-    config = self.trainer.config
-    running = optax.tree_utils.tree_get(
-        state[2], 'ScaleByBNPState').running_stats[self.layer]
-    # The P applied to this step's gradient: the running statistics after
-    # this step's update (Algorithm 2, steps 2-3).
-    c = d.conditioning(nh.hessian, running, eps1=config.eps1,
-                       eps2=config.eps2)
-    # The theory's P with this batch's own statistics (Theorem 3).
-    batch = d.conditioning(nh.hessian, d.patch_statistics(nh.inputs),
-                           eps1=config.eps1, eps2=config.eps2)
-    # Without the regularisers (eps1 = eps2 = 0), as in Eq. 12.
-    plain = d.conditioning(nh.hessian, running, eps1=0.0, eps2=0.0)
-    self.rows.append(dict(
-        step=step, loss=_results.finite_or_none(loss),
-        kappa_hessian=c.kappa_hessian,
-        kappa_preconditioned=c.kappa_preconditioned, kappa_d=c.kappa_d,
-        kappa_preconditioned_batch=batch.kappa_preconditioned, rank=c.rank,
-        kappa_preconditioned_eps0=plain.kappa_preconditioned,
-        kappa_d_eps0=plain.kappa_d, size=int(nh.hessian.shape[0])))
+
+class Batches:
+  """The training batches of a run: epochs, segments, padded chunks.
+
+  Every epoch draws its own order of the training examples (from the
+  seed and the epoch, so that a resumed run draws the same). An epoch is cut
+  into ``evals_per_epoch`` segments and a segment into chunks of
+  ``steps_per_call`` steps, its last chunk padded with masked steps so that
+  every compiled call has the same shape.
+  """
+
+  def __init__(self, config: RunConfig, ds: _data.Dataset,
+               steps_per_call: int):
+    self.x, self.y = ds.x_train, ds.y_train
+    self.seed = config.seed
+    self.epochs = config.epochs
+    self.batch_size = config.batch_size
+    self.steps_per_epoch = len(ds.x_train) // config.batch_size
+    self.steps_per_call = steps_per_call
+    self.total_steps = self.steps_per_epoch * config.epochs
+    self._cuts = [round(self.steps_per_epoch * k / config.evals_per_epoch)
+                  for k in range(config.evals_per_epoch + 1)]
+    self._budget_evals = config.budget_evals
+    self._budget_cuts = None
+
+  def set_budget_steps(self, total_steps: int) -> None:
+    """Trains ``total_steps`` steps (``--budget``) instead of the epochs.
+
+    Evaluations: ``budget_evals`` equally spaced ones, and one at the end of
+    every epoch the budget crosses (a segment never spans two epochs).
+    """
+    self.total_steps = total_steps
+    self.epochs = -(-total_steps // self.steps_per_epoch)
+    cuts = {round(total_steps * k / self._budget_evals)
+            for k in range(self._budget_evals + 1)}
+    cuts |= set(range(0, total_steps, self.steps_per_epoch))
+    self._budget_cuts = sorted(cuts)
+
+  @property
+  def chunk_shape(self) -> tuple[int, ...]:
+    """The shape of a chunk's images: ``(steps, batch, *image)``."""
+    return (self.steps_per_call, self.batch_size) + self.x.shape[1:]
+
+  def segments(self, done: int = 0):
+    """Yields the :class:`Segment` s after the first ``done`` steps.
+
+    Args:
+      done: steps already trained (a resumed run's, at a segment's end).
+    """
+    spe = self.steps_per_epoch
+    if self._budget_cuts is not None:
+      cuts = self._budget_cuts
+      for start, end in zip(cuts[:-1], cuts[1:]):
+        if end <= done:
+          continue
+        epoch = start // spe
+        order = _epoch_order(self.seed, epoch, len(self.x))
+        first = start - epoch * spe
+        chunks = [(c, min(self.steps_per_call, end - start - (c - first)))
+                  for c in range(first, first + end - start,
+                                 self.steps_per_call)]
+        yield Segment(end / spe, order, chunks)
+      return
+    for epoch in range(done // spe, self.epochs):
+      order = _epoch_order(self.seed, epoch, len(self.x))
+      for start, end in zip(self._cuts[:-1], self._cuts[1:]):
+        if epoch * spe + end <= done:
+          continue  # Done before the checkpoint this run resumed from.
+        chunks = [(c, min(self.steps_per_call, end - c))
+                  for c in range(start, end, self.steps_per_call)]
+        yield Segment(epoch + end / spe, order, chunks)
+
+  def chunk(self, order: np.ndarray, first: int, count: int):
+    """``(xs, ys, valid)`` of ``count`` steps, padded to a full chunk."""
+    bs, spc = self.batch_size, self.steps_per_call
+    idx = order[first * bs:(first + count) * bs]
+    xs = self.x[idx].reshape((count, bs) + self.x.shape[1:])
+    ys = self.y[idx].reshape((count, bs))
+    valid = np.ones(spc, bool)
+    if count < spc:
+      valid[count:] = False
+      xs = np.concatenate(
+          [xs, np.zeros((spc - count,) + xs.shape[1:], xs.dtype)])
+      ys = np.concatenate([ys, np.zeros((spc - count, bs), ys.dtype)])
+    return xs, ys, valid
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -315,67 +414,136 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, 2, epoch]).permutation(n)
 
 
-def _progress_bar(config, total, initial):
-  try:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise _deps.MissingDependency('tqdm', 'the progress bar') from e
-  return tqdm(total=total, initial=initial, unit='step', leave=False,
-              dynamic_ncols=True, mininterval=0.5,
-              desc=f'{config.method} s{config.seed}')
+class Evaluator:
+  """Accuracy and loss on the test set and the held-out split.
 
-
-class _Checkpoints:
-  """Orbax checkpoints of one run, one per evaluation (the last one kept)."""
-
-  def __init__(self, directory):
-    try:
-      import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise _deps.MissingDependency('orbax-checkpoint', 'checkpointing') from e
-    self.ocp = ocp
-    # Orbax wants absolute paths.
-    self.directory = pathlib.Path(directory).absolute()
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, enable_async_checkpointing=False,
-            create=True))
-
-  def latest(self):
-    return self.manager.latest_step()
-
-  def save(self, step, state, meta):
-    ocp = self.ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()
-
-  def restore(self, step, like):
-    ocp = self.ocp
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
-
-  def close(self):
-    self.manager.close()
-
-
-def _segments(config: RunConfig, steps_per_epoch: int,
-              total_steps: int) -> list[tuple[int, int]]:
-  """The training's ``(first step, end step)`` between evaluations.
-
-  ``evals_per_epoch`` equal parts of every epoch; with a budget,
-  ``budget_evals`` equal parts of the budget's ``total_steps``.
+  The examples go through the compiled evaluation in batches of at least
+  500 (or the training batch size), the last one padded and weighted out,
+  so that it compiles once per set.
   """
-  if config.budget is not None:
-    cuts = sorted({round(total_steps * k / config.budget_evals)
-                   for k in range(config.budget_evals + 1)})
-    return list(zip(cuts[:-1], cuts[1:]))
-  cuts = [round(steps_per_epoch * k / config.evals_per_epoch)
-          for k in range(config.evals_per_epoch + 1)]
-  return [(e * steps_per_epoch + a, e * steps_per_epoch + b)
-          for e in range(config.epochs) for a, b in zip(cuts[:-1], cuts[1:])]
+
+  def __init__(self, trainer: Trainer, ds: _data.Dataset, batch_size: int):
+    self._evaluate = jax.jit(trainer.evaluate)
+    self.ds = ds
+    self.batch_size = batch_size
+
+  def accuracy_and_loss(self, state, xs, ys) -> tuple[float, float]:
+    """The mean accuracy and loss of ``state`` on ``xs, ys``."""
+    eval_bs = min(len(xs), max(self.batch_size, 500))
+    correct, total_loss = 0.0, 0.0
+    for i in range(0, len(xs), eval_bs):
+      x = xs[i:i + eval_bs]
+      y = ys[i:i + eval_bs]
+      w = np.ones(len(x), np.float32)
+      pad = eval_bs - len(x)
+      if pad:
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        w = np.concatenate([w, np.zeros(pad, np.float32)])
+      c, loss_sum = self._evaluate(state, x, y, w)
+      correct += float(c)
+      total_loss += float(loss_sum)
+    return correct / len(xs), total_loss / len(xs)
+
+  def __call__(self, state) -> dict[str, float | None]:
+    """The test metrics, and the held-out split's if the data has one."""
+    acc, loss = self.accuracy_and_loss(state, self.ds.x_test, self.ds.y_test)
+    metrics = dict(test_accuracy=acc,
+                   test_loss=_results.finite_or_none(loss))
+    if self.ds.x_val is not None:  # Never the test set's.
+      acc, loss = self.accuracy_and_loss(state, self.ds.x_val, self.ds.y_val)
+      metrics.update(validation_accuracy=acc,
+                     validation_loss=_results.finite_or_none(loss))
+    return metrics
+
+
+class _Report:
+  """Progress: a tqdm bar with the running loss, or lines.
+
+  Without a bar, one line per evaluation and, in between, one with the
+  step count at most every :data:`PROGRESS_EVERY_S` seconds.
+  """
+
+  def __init__(self, config: RunConfig, total: int, initial: int, *,
+               progress: bool, log):
+    self.log = log
+    self.total = total
+    self.step = initial
+    self.last_line = time.perf_counter()
+    self.bar = None
+    if progress:
+      try:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise _deps.MissingDependency('tqdm', 'the progress bar') from e
+      self.bar = tqdm(total=total, initial=initial, unit='step', leave=False,
+                      dynamic_ncols=True, mininterval=0.5,
+                      desc=f'{config.method} s{config.seed}')
+
+  def steps(self, step: int, losses: list[np.ndarray]) -> None:
+    """Training reached ``step``; ``losses`` of the segment's chunks."""
+    count, self.step = step - self.step, step
+    if self.bar is not None:
+      self.bar.update(count)
+      self.bar.set_postfix(loss=f'{float(np.mean(losses[-1])):.4f}',
+                           refresh=False)
+    elif self.log is not None and (
+        time.perf_counter() - self.last_line >= PROGRESS_EVERY_S):
+      self.last_line = time.perf_counter()
+      self.log(f'   step {step}/{self.total} '
+               f'({100 * step / self.total:.0f}%), loss '
+               f'{float(np.mean(np.concatenate(losses))):.4f} since '
+               'the last evaluation')
+
+  def line(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.write(text)
+    elif self.log is not None:
+      self.log(text)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _evaluation_line(config: RunConfig, point: dict,
+                     train_loss: float) -> str:
+  val = ('' if 'validation_accuracy' not in point else
+         f'validation acc {point["validation_accuracy"]:.2%} ')
+  return (f'{config.model} {config.dataset} bs{config.batch_size} '
+          f'{config.method} seed {config.seed}: epoch {point["epoch"]:.2f} '
+          f'train loss {train_loss:.4f} {val}'
+          f'test acc {point["test_accuracy"]:.2%} ({point["time_s"]:.1f}s)')
+
+
+def _start(state, evaluate, checkpoints, conditioning, config: RunConfig,
+           *, resume: bool, log):
+  """``(state, step, history, timing, resumed from)`` to start training at.
+
+  The last checkpoint's with ``resume`` (if there is one), else the
+  initial state's, evaluated (the history's first point, at step 0).
+  """
+  if resume and checkpoints is not None and checkpoints.latest() is not None:
+    state, meta = checkpoints.restore(checkpoints.latest(), state)
+    conditioning.rows = meta.get('conditioning', [])
+    if log is not None:
+      log(f'resumed {config.run_name()} from its checkpoint at step '
+          f'{meta["step"]} (epoch {meta["history"][-1]["epoch"]:.2f})')
+    return state, meta['step'], meta['history'], meta['timing'], meta['step']
+  eval_start = time.perf_counter()
+  history = [_results.history_point(0.0, 0, None, evaluate(state), 0.0)]
+  timing = dict(data_s=0.0, step_s=0.0, train_s=0.0,
+                eval_s=time.perf_counter() - eval_start)
+  return state, 0, history, timing, None
+
+
+def steps_per_call(config: RunConfig, steps_per_epoch: int) -> int:
+  """The run's steps per compiled call: given, or chosen, at most an epoch."""
+  if config.conditioning_every:
+    return 1  # The diagnostics look at every step's batch.
+  spc = config.steps_per_call or auto_steps_per_call(
+      config.batch_size, steps_per_epoch, model=config.model)
+  return min(spc, steps_per_epoch)
 
 
 # Fields that do not change what one training step computes.
@@ -455,208 +623,73 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
     The result, in the JSON schema ``_results.SCHEMA``.
   """
   start = time.perf_counter()
-  bs = config.batch_size
-  n_train = len(ds.x_train)
-  steps_per_epoch = n_train // bs
-  spc = config.steps_per_call or auto_steps_per_call(
-      bs, steps_per_epoch, model=config.model)
-  spc = min(spc, steps_per_epoch)
-  if config.conditioning_every:
-    spc = 1  # The diagnostics look at every step's batch.
+  check_data(config, ds)
+  steps_per_epoch = len(ds.x_train) // config.batch_size
+  batches = Batches(config, ds, steps_per_call(config, steps_per_epoch))
   trainer = Trainer(config, ds.num_classes, ds.x_train.shape[1:],
                     steps_per_epoch)
-  state = trainer.state
-  conditioning = _Conditioning(trainer) if config.conditioning_every else None
-
-  xs_shape = (spc, bs) + ds.x_train.shape[1:]
+  conditioning = _conditioning.Conditioning(trainer.model, config)
   compile_start = time.perf_counter()
-  chunk_fn = jax.jit(trainer.chunk).lower(
-      state, jax.ShapeDtypeStruct(xs_shape, jnp.uint8),
-      jax.ShapeDtypeStruct((spc, bs), jnp.int32),
-      jax.ShapeDtypeStruct((spc,), jnp.bool_)).compile()
-  check_data(config, ds)
-  eval_fn = jax.jit(trainer.evaluate)
+  chunk_fn = trainer.compile_chunk(batches.chunk_shape)
+  evaluate = Evaluator(trainer, ds, config.batch_size)
   compile_s = time.perf_counter() - compile_start
-
-  def run_eval(state, xs=ds.x_test, ys=ds.y_test):
-    eval_bs = min(len(xs), max(bs, 500))
-    correct, total_loss = 0.0, 0.0
-    for i in range(0, len(xs), eval_bs):
-      x = xs[i:i + eval_bs]
-      y = ys[i:i + eval_bs]
-      w = np.ones(len(x), np.float32)
-      pad = eval_bs - len(x)
-      if pad:
-        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-        y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        w = np.concatenate([w, np.zeros(pad, np.float32)])
-      c, loss_sum = eval_fn(state, x, y, w)
-      correct += float(c)
-      total_loss += float(loss_sum)
-    n = len(xs)
-    return correct / n, total_loss / n
-
-  def validation(state):
-    """The held-out split's metrics (never the test set's), or none."""
-    if ds.x_val is None:
-      return {}
-    acc, loss = run_eval(state, ds.x_val, ds.y_val)
-    return dict(validation_accuracy=acc,
-                validation_loss=_results.finite_or_none(loss))
-
-  checkpoints = _Checkpoints(checkpoint_dir) if checkpoint_dir else None
-  timing = dict(data_s=0.0, step_s=0.0, train_s=0.0, eval_s=0.0)
-  step = 0
-  resumed_from = None
-  if checkpoints is not None and resume and checkpoints.latest() is not None:
-    state, meta = checkpoints.restore(checkpoints.latest(), state)
-    history = meta['history']
-    step = meta['step']
-    timing = meta['timing']
-    if conditioning is not None:
-      conditioning.rows = meta['conditioning']
-    resumed_from = step
-    if log is not None:
-      log(f'resumed {config.run_name()} from its checkpoint at step {step} '
-          f'(epoch {history[-1]["epoch"]:.2f})')
-  else:
-    eval_start = time.perf_counter()
-    acc0, loss0 = run_eval(state)
-    val0 = validation(state)
-    timing['eval_s'] = time.perf_counter() - eval_start
-    history = [dict(epoch=0.0, step=0, train_loss=None,
-                    test_accuracy=acc0,
-                    test_loss=_results.finite_or_none(loss0),
-                    time_s=0.0, **val0)]
-  total_steps = steps_per_epoch * config.epochs
+  checkpoints = (_checkpoints.Checkpoints(
+      checkpoint_dir, _config.canonical(config)) if checkpoint_dir else None)
   cost = None
   if config.budget is not None:
-    cost = _measure_cost(config, ds, chunk_fn, state, spc, steps_per_epoch,
-                         compile_s)
-    total_steps = _cost.budget_steps(config.budget, cost['ratio'])
-  bar = _progress_bar(config, total_steps, step) if progress else None
-  orders = {}
-
-  def order_of(epoch):
-    if epoch not in orders:
-      orders.clear()
-      orders[epoch] = _epoch_order(config.seed, epoch, n_train)
-    return orders[epoch]
-
+    cost = _measure_cost(config, ds, chunk_fn, trainer.state,
+                         batches.steps_per_call, steps_per_epoch, compile_s)
+    batches.set_budget_steps(_cost.budget_steps(config.budget,
+                                                cost['ratio']))
+  state, step, history, timing, resumed_from = _start(
+      trainer.state, evaluate, checkpoints, conditioning, config,
+      resume=resume, log=log)
+  report = _Report(config, batches.total_steps, step, progress=progress,
+                   log=log)
   try:
-    for seg_start, seg_end in _segments(config, steps_per_epoch,
-                                        total_steps):
-      if seg_end <= step:
-        continue  # Done before the checkpoint this run resumed from.
-      seg_losses = []
-      c0 = seg_start
-      while c0 < seg_end:
+    for segment in batches.segments(step):
+      losses = []
+      for first, count in segment.chunks:
         if stop is not None and stop():
-          raise Interrupted(stop())
+          raise Interrupted(stop(), step=step)
         t0 = time.perf_counter()
-        epoch, pos = divmod(c0, steps_per_epoch)
-        # A chunk never crosses an evaluation or an epoch boundary.
-        count = min(spc, seg_end - c0, steps_per_epoch - pos)
-        idx = order_of(epoch)[pos * bs:(pos + count) * bs]
-        c0 += count
-        xs = ds.x_train[idx].reshape((count, bs) + ds.x_train.shape[1:])
-        ys = ds.y_train[idx].reshape((count, bs))
-        valid = np.ones(spc, bool)
-        if count < spc:
-          valid[count:] = False
-          xs = np.concatenate(
-              [xs, np.zeros((spc - count,) + xs.shape[1:], xs.dtype)])
-          ys = np.concatenate(
-              [ys, np.zeros((spc - count, bs), ys.dtype)])
-        measure = conditioning is not None and (
-            step % config.conditioning_every == 0)
-        nh = conditioning.before(state, xs[0], ys[0]) if measure else None
+        xs, ys, valid = batches.chunk(segment.order, first, count)
+        hessian = conditioning.before(step, state, xs[0], ys[0])
         t1 = time.perf_counter()
-        state, losses = chunk_fn(state, xs, ys, valid)
-        losses = np.asarray(losses)[:count]
+        state, chunk_losses = chunk_fn(state, xs, ys, valid)
+        losses.append(np.asarray(chunk_losses)[:count])
         t2 = time.perf_counter()
-        if measure:
-          conditioning.after(step, losses[0], nh, state)
+        conditioning.after(step, losses[-1][0], hessian, state)
         timing['data_s'] += t1 - t0
         timing['step_s'] += t2 - t1
         timing['train_s'] += t2 - t0
-        seg_losses.append(losses)
         step += count
-        if bar is not None:
-          bar.update(count)
-          bar.set_postfix(loss=f'{float(np.mean(losses)):.4f}',
-                          refresh=False)
-      seg_loss = float(np.mean(np.concatenate(seg_losses)))
+        report.steps(step, losses)
+      train_loss = float(np.mean(np.concatenate(losses)))
       t3 = time.perf_counter()
-      acc, test_loss = run_eval(state)
-      val = validation(state)
+      metrics = evaluate(state)
       timing['eval_s'] += time.perf_counter() - t3
-      history.append(dict(
-          epoch=seg_end / steps_per_epoch, step=step,
-          train_loss=_results.finite_or_none(seg_loss), test_accuracy=acc,
-          test_loss=_results.finite_or_none(test_loss),
-          time_s=timing['train_s'], **val))
-      line = (f'{config.model} {config.dataset} bs{bs} {config.method} '
-              f'seed {config.seed}: epoch {history[-1]["epoch"]:.2f} '
-              f'train loss {seg_loss:.4f} '
-              + (f'validation acc {val["validation_accuracy"]:.2%} '
-                 if val else '')
-              + f'test acc {acc:.2%} ({timing["train_s"]:.1f}s)')
-      if checkpoints is not None and step < total_steps:
-        meta = dict(step=step, history=history, timing=timing)
-        if conditioning is not None:
-          meta['conditioning'] = conditioning.rows
-        checkpoints.save(step, state, meta)
+      history.append(_results.history_point(
+          segment.epoch, step, train_loss, metrics, timing['train_s']))
+      line = _evaluation_line(config, history[-1], train_loss)
+      if checkpoints is not None and step < batches.total_steps:
+        checkpoints.save(step, state, dict(
+            step=step, history=history, timing=timing,
+            conditioning=conditioning.rows))
         line += ', checkpoint saved'
-      if bar is not None:
-        bar.write(line)
-      elif log is not None:
-        log(line)
+      report.line(line)
   finally:
-    if bar is not None:
-      bar.close()
+    report.close()
     if checkpoints is not None:
       checkpoints.close()
-  # A non-finite training or validation loss anywhere: the run diverged
-  # (its parameters may be NaN while its accuracy still reads ~10%).
-  diverged = any(p['train_loss'] is None for p in history[1:]) or any(
-      'validation_loss' in p and p['validation_loss'] is None
-      for p in history)
-  cfg = _config.canonical(config)
-  cfg.update(
-      learning_rate_source=trainer.lr_source,
-      method_label=trainer.method.label, norm=trainer.method.norm,
-      bnp=trainer.method.bnp, num_train=n_train, num_test=len(ds.x_test),
-      num_classes=ds.num_classes, input_shape=list(ds.x_train.shape[1:]),
-      data_source=ds.source, steps_per_epoch=steps_per_epoch,
-      **({} if ds.x_val is None else dict(num_validation=len(ds.x_val))),
-      resolved_steps_per_call=spc, num_params=trainer.num_params)
-  result = {
-      'schema': _results.SCHEMA,
-      'name': config.run_name(),
-      'group': config.group_hash(),
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'config': cfg,
-      'versions': _results.versions(),
-      'history': history,
-      'final': dict(train_loss=history[-1]['train_loss'],
-                    test_accuracy=history[-1]['test_accuracy'],
-                    diverged=diverged,
-                    **{k: history[-1][k] for k in (
-                        'validation_accuracy', 'validation_loss')
-                       if k in history[-1]}),
-      'timing': dict(
-          total_s=time.perf_counter() - start, compile_s=compile_s,
-          train_s=timing['train_s'], data_s=timing['data_s'],
-          step_s=timing['step_s'], eval_s=timing['eval_s'], steps=step,
-          data_us_per_step=1e6 * timing['data_s'] / max(step, 1),
-          step_us_per_step=1e6 * timing['step_s'] / max(step, 1),
-          resumed_from_step=resumed_from),
-  }
-  if conditioning is not None:
-    result['conditioning'] = conditioning.rows
+  timing.update(total_s=time.perf_counter() - start, compile_s=compile_s,
+                steps=step, resumed_from_step=resumed_from)
+  result = _results.run_result(
+      config, ds, timing, history, conditioning.rows,
+      lr_source=trainer.lr_source, num_params=trainer.num_params,
+      steps_per_call=batches.steps_per_call)
   if cost is not None:
-    result['cost'] = dict(cost, budget_steps=total_steps)
+    result['cost'] = dict(cost, budget_steps=batches.total_steps)
   if keep_state:
     result['state'] = state
   return result
