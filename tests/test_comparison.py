@@ -63,8 +63,11 @@ def test_optimizer_methods_train_within_a_budget(tmp_path):
     assert cost['ratio'] > 0 and cost['rounds'] >= 7
     assert cost['budget_steps'] == _cost.budget_steps(24, cost['ratio'])
     assert result['timing']['steps'] == cost['budget_steps']
+    # Evaluations: 3 equally spaced in the budget, and at each epoch's end
+    # (12 steps of 10 from 120 examples).
+    total = cost['budget_steps']
     assert [p['step'] for p in result['history']] == sorted(
-        {round(cost['budget_steps'] * k / 3) for k in range(4)})
+        {round(total * k / 3) for k in range(4)} | set(range(0, total, 12)))
     assert result['config']['optimizer'] == (
         'muon' if method == 'muon' else 'adamw')
     assert cost['memory']['peak_bytes'] > 0

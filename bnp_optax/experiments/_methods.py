@@ -85,13 +85,13 @@ METHODS = {
         # Summers and Dinneen (2020), see _bn4.py.
         Method('bn4', 'BN w/ 4 Things', 'bn4', False, optimizer='adam',
                colour='#17becf'),
-        # Today's methods (docs/comparison.md, _modern.py, _normfree.py); AdamW
-        # and BNP chained before it are also the Transformer comparison's
-        # (docs/transformers.md).
+        # AdamW (decoupled weight decay, --weight-decay) and BNP chained
+        # before it: the Transformer comparison (docs/transformers.md) and
+        # today's methods (docs/comparison.md, _modern.py, _normfree.py).
         Method('adamw', 'AdamW', 'none', False, optimizer='adamw',
-               colour='#7f7f7f'),
+               colour='#2ca02c'),
         Method('bnp_adamw', 'BNP+AdamW', 'none', True, optimizer='adamw',
-               colour='#393b79'),
+               colour='#9467bd'),
         Method('centring_adamw', 'BNP centring+AdamW', 'none', True,
                optimizer='adamw', bnp_variant='centring', colour='#aec7e8'),
         Method('muon', 'Muon', 'none', False, optimizer='muon',
@@ -113,15 +113,15 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     'momentum': lambda learning_rate, config: optax.sgd(
         learning_rate, momentum=config.momentum),
     'adam': lambda learning_rate, config: optax.adam(learning_rate),
-    # The comparison's (_modern.py): the run's weight_decay is their
-    # decoupled decay, not an L2 term (see _train.make_optimizer).
+    # Decoupled weight decay: --weight-decay is AdamW's (and Muon's) own,
+    # applied after BNP, and never added to the gradient.
     'adamw': lambda learning_rate, config: optax.adamw(
         learning_rate, weight_decay=config.weight_decay),
     'muon': lambda learning_rate, config: _modern.muon(
         learning_rate, config.weight_decay),
     'kfac': lambda learning_rate, config: _modern.kfac(),
 }
-# Base optimizers that take the run's weight decay themselves (decoupled).
+# Base optimizers that apply --weight-decay themselves.
 DECOUPLED_WEIGHT_DECAY = frozenset({'adamw', 'muon'})
 
 # The paper's best learning rates, keyed (model, dataset, batch size).

@@ -38,12 +38,6 @@ _RESNET_CIFAR10 = dict(optimizer='momentum', weight_decay=1e-4,
                        augment=True)
 _RESNET_CIFAR100 = dict(_RESNET_CIFAR10, lr_decay_epochs=(150, 220))
 
-_VIT_METHOD_SETTINGS = {
-    'vanilla': dict(optimizer='momentum'),
-    'bnp': dict(optimizer='momentum'),
-    'adamw': dict(weight_decay=0.05),
-    'bnp_adamw': dict(weight_decay=0.05),
-}
 # The comparison with today's methods (docs/comparison.md): every method at
 # the same compute budget (--budget, in SGD steps), SGD methods with momentum
 # 0.9; AdamW, Muon and their BNP variants with their own optimizer (and
@@ -62,6 +56,12 @@ _CMP_ADAM = ('adamw', 'bnp_adamw', 'centring_adamw', 'muon')
 _CMP_CIFAR = dict(_CMP, test_subset=2000)
 _CMP_RESNET20 = dict(_CMP_CIFAR, resnet_blocks=3, weight_decay=1e-4,
                      augment=True)
+_VIT_METHOD_SETTINGS = {
+    'vanilla': dict(optimizer='momentum'),
+    'bnp': dict(optimizer='momentum'),
+    'adamw': dict(weight_decay=0.05),
+    'bnp_adamw': dict(weight_decay=0.05),
+}
 
 SUITES = {s.name: s for s in (
     Suite('digits', 'offline stand-in for Figure 3 (no download)', 'fc',
@@ -108,21 +108,6 @@ SUITES = {s.name: s for s in (
           60, ('vanilla', 'bnp'), 3, {},
           {'bnp': dict(learning_rate=0.1, conditioning_every=1),
            'vanilla': dict(learning_rate=1e-2)}),
-    # The Transformer comparison (docs/transformers.md): a small ViT
-    # (_vit.py) with LayerNorm, Dynamic Tanh or no normalisation, trained
-    # with SGD + momentum ('vanilla', 'bnp': BNP + SGD + momentum) and AdamW
-    # ('adamw', 'bnp_adamw': BNP chained before AdamW, decoupled weight decay
-    # 0.05).
-    Suite('vit-ln', 'Transformers: ViT with LayerNorm', 'vit', 'cifar10',
-          128, ('vanilla', 'bnp', 'adamw', 'bnp_adamw'), 10, {},
-          _VIT_METHOD_SETTINGS),
-    Suite('vit-none', 'Transformers: ViT without normalisation',
-          'vit_nonorm', 'cifar10', 128,
-          ('vanilla', 'bnp', 'adamw', 'bnp_adamw'), 10, {},
-          _VIT_METHOD_SETTINGS),
-    Suite('vit-dyt', 'Transformers: ViT with Dynamic Tanh', 'vit_dyt',
-          'cifar10', 128, ('vanilla', 'adamw'), 10, {},
-          _VIT_METHOD_SETTINGS),
     Suite('cmp-fc-mnist-bs60', 'comparison: FC, MNIST, batch 60', 'fc',
           'mnist', 60, ('vanilla', 'bn', 'bnp') + _CMP_ADAM, 100,
           dict(_CMP, budget=2700), _OWN_OPTIMIZER),
@@ -153,4 +138,19 @@ SUITES = {s.name: s for s in (
                                       'nf_agc', 'bnp', 'bnp_gn'), 1000,
           dict(_CMP_RESNET20, budget=2250, steps_per_call=25),
           _OWN_OPTIMIZER),
+    # The Transformer comparison (docs/transformers.md): a small ViT
+    # (_vit.py) with LayerNorm, Dynamic Tanh or no normalisation, trained
+    # with SGD + momentum ('vanilla', 'bnp': BNP + SGD + momentum) and AdamW
+    # ('adamw', 'bnp_adamw': BNP chained before AdamW, decoupled weight decay
+    # 0.05).
+    Suite('vit-ln', 'Transformers: ViT with LayerNorm', 'vit', 'cifar10',
+          128, ('vanilla', 'bnp', 'adamw', 'bnp_adamw'), 10, {},
+          _VIT_METHOD_SETTINGS),
+    Suite('vit-none', 'Transformers: ViT without normalisation',
+          'vit_nonorm', 'cifar10', 128,
+          ('vanilla', 'bnp', 'adamw', 'bnp_adamw'), 10, {},
+          _VIT_METHOD_SETTINGS),
+    Suite('vit-dyt', 'Transformers: ViT with Dynamic Tanh', 'vit_dyt',
+          'cifar10', 128, ('vanilla', 'adamw'), 10, {},
+          _VIT_METHOD_SETTINGS),
 )}

@@ -314,26 +314,23 @@ class Segment(NamedTuple):
 
   Attributes:
     epoch: the epoch (fractional) at its end, where the evaluation is.
-    chunks: ``(the epoch's order of the training examples, first step in
-      the epoch, steps)`` of each compiled call; a chunk never crosses an
-      epoch.
+    order: the epoch's order of the training examples.
+    chunks: ``(first step in the epoch, steps)`` of each compiled call.
   """
 
   epoch: float
-  chunks: list[tuple[np.ndarray, int, int]]
+  order: np.ndarray
+  chunks: list[tuple[int, int]]
 
 
 class Batches:
   """The training batches of a run: epochs, segments, padded chunks.
 
   Every epoch draws its own order of the training examples (from the
-  seed and the epoch, so that a resumed run draws the same). The training
-  is cut into segments, one evaluation at the end of each:
-  ``evals_per_epoch`` equal parts of every epoch or, with a compute budget
-  (:meth:`limit`), ``budget_evals`` equal parts of the budget's steps. A
-  segment is cut into chunks of ``steps_per_call`` steps, a chunk's last
-  steps padded with masked ones so that every compiled call has the same
-  shape.
+  seed and the epoch, so that a resumed run draws the same). An epoch is cut
+  into ``evals_per_epoch`` segments and a segment into chunks of
+  ``steps_per_call`` steps, its last chunk padded with masked steps so that
+  every compiled call has the same shape.
   """
 
   def __init__(self, config: RunConfig, ds: _data.Dataset,
@@ -345,29 +342,28 @@ class Batches:
     self.steps_per_epoch = len(ds.x_train) // config.batch_size
     self.steps_per_call = steps_per_call
     self.total_steps = self.steps_per_epoch * config.epochs
-    self.budget_evals = (None if config.budget is None
-                         else config.budget_evals)
     self._cuts = [round(self.steps_per_epoch * k / config.evals_per_epoch)
                   for k in range(config.evals_per_epoch + 1)]
+    self._budget_evals = config.budget_evals
+    self._budget_cuts = None
 
-  def limit(self, total_steps: int) -> None:
-    """Trains ``total_steps`` (a compute budget's), not the epochs."""
+  def set_budget_steps(self, total_steps: int) -> None:
+    """Trains ``total_steps`` steps (``--budget``) instead of the epochs.
+
+    Evaluations: ``budget_evals`` equally spaced ones, and one at the end of
+    every epoch the budget crosses (a segment never spans two epochs).
+    """
     self.total_steps = total_steps
+    self.epochs = -(-total_steps // self.steps_per_epoch)
+    cuts = {round(total_steps * k / self._budget_evals)
+            for k in range(self._budget_evals + 1)}
+    cuts |= set(range(0, total_steps, self.steps_per_epoch))
+    self._budget_cuts = sorted(cuts)
 
   @property
   def chunk_shape(self) -> tuple[int, ...]:
     """The shape of a chunk's images: ``(steps, batch, *image)``."""
     return (self.steps_per_call, self.batch_size) + self.x.shape[1:]
-
-  def _bounds(self) -> list[tuple[int, int]]:
-    """``(first step, end step)`` of every segment."""
-    if self.budget_evals is not None:
-      cuts = sorted({round(self.total_steps * k / self.budget_evals)
-                     for k in range(self.budget_evals + 1)})
-      return list(zip(cuts[:-1], cuts[1:]))
-    spe = self.steps_per_epoch
-    return [(e * spe + a, e * spe + b) for e in range(self.epochs)
-            for a, b in zip(self._cuts[:-1], self._cuts[1:])]
 
   def segments(self, done: int = 0):
     """Yields the :class:`Segment` s after the first ``done`` steps.
@@ -376,21 +372,27 @@ class Batches:
       done: steps already trained (a resumed run's, at a segment's end).
     """
     spe = self.steps_per_epoch
-    orders = {}
-    for start, end in self._bounds():
-      if end <= done:
-        continue  # Done before the checkpoint this run resumed from.
-      chunks = []
-      step = start
-      while step < end:
-        epoch, first = divmod(step, spe)
-        count = min(self.steps_per_call, end - step, spe - first)
-        if epoch not in orders:
-          orders.clear()
-          orders[epoch] = _epoch_order(self.seed, epoch, len(self.x))
-        chunks.append((orders[epoch], first, count))
-        step += count
-      yield Segment(end / spe, chunks)
+    if self._budget_cuts is not None:
+      cuts = self._budget_cuts
+      for start, end in zip(cuts[:-1], cuts[1:]):
+        if end <= done:
+          continue
+        epoch = start // spe
+        order = _epoch_order(self.seed, epoch, len(self.x))
+        first = start - epoch * spe
+        chunks = [(c, min(self.steps_per_call, end - start - (c - first)))
+                  for c in range(first, first + end - start,
+                                 self.steps_per_call)]
+        yield Segment(end / spe, order, chunks)
+      return
+    for epoch in range(done // spe, self.epochs):
+      order = _epoch_order(self.seed, epoch, len(self.x))
+      for start, end in zip(self._cuts[:-1], self._cuts[1:]):
+        if epoch * spe + end <= done:
+          continue  # Done before the checkpoint this run resumed from.
+        chunks = [(c, min(self.steps_per_call, end - c))
+                  for c in range(start, end, self.steps_per_call)]
+        yield Segment(epoch + end / spe, order, chunks)
 
   def chunk(self, order: np.ndarray, first: int, count: int):
     """``(xs, ys, valid)`` of ``count`` steps, padded to a full chunk."""
@@ -631,15 +633,14 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   chunk_fn = trainer.compile_chunk(batches.chunk_shape)
   evaluate = Evaluator(trainer, ds, config.batch_size)
   compile_s = time.perf_counter() - compile_start
-  cost = None
-  if config.budget is not None:
-    # A compute budget in SGD steps: this method's step cost, paired
-    # against plain SGD's in this process, sets its number of steps.
-    cost = _measure_cost(config, ds, chunk_fn, trainer.state,
-                         batches.steps_per_call, steps_per_epoch, compile_s)
-    batches.limit(_cost.budget_steps(config.budget, cost['ratio']))
   checkpoints = (_checkpoints.Checkpoints(
       checkpoint_dir, _config.canonical(config)) if checkpoint_dir else None)
+  cost = None
+  if config.budget is not None:
+    cost = _measure_cost(config, ds, chunk_fn, trainer.state,
+                         batches.steps_per_call, steps_per_epoch, compile_s)
+    batches.set_budget_steps(_cost.budget_steps(config.budget,
+                                                cost['ratio']))
   state, step, history, timing, resumed_from = _start(
       trainer.state, evaluate, checkpoints, conditioning, config,
       resume=resume, log=log)
@@ -648,11 +649,11 @@ def train(config: RunConfig, ds: _data.Dataset, *, progress: bool = True,
   try:
     for segment in batches.segments(step):
       losses = []
-      for order, first, count in segment.chunks:
+      for first, count in segment.chunks:
         if stop is not None and stop():
           raise Interrupted(stop(), step=step)
         t0 = time.perf_counter()
-        xs, ys, valid = batches.chunk(order, first, count)
+        xs, ys, valid = batches.chunk(segment.order, first, count)
         hessian = conditioning.before(step, state, xs[0], ys[0])
         t1 = time.perf_counter()
         state, chunk_losses = chunk_fn(state, xs, ys, valid)
