@@ -14,15 +14,15 @@
 # Run there, carrying gpu_data:
 #   OUT=$OUT bash benchmarks/gpu_session.sh
 # Dry run on a CPU (tiny budgets, nothing kept): QUICK=1 OUT=/tmp/g bash ...
-# Comes back as four files in $OUT: bench.tgz, comparison.tgz, vit.tgz and
-# session.log; unpack them at the repository root:
+# Comes back as five files in $OUT: bench.tgz, comparison.tgz, vit.tgz,
+# logs.tgz and session.log; unpack them at the repository root:
 #   tar -xzf bench.tgz -C benchmarks/gpu_runs/   (step.json, depth.json, ...)
 #   tar -xzf comparison.tgz   (docs/comparison/runs/...)
 #   tar -xzf vit.tgz          (docs/transformers/runs/gpu/...)
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_session}
-PHASE2=${PHASE2:-260}   # seconds for the training runs of step 2
+PHASE2=${PHASE2:-330}   # seconds for the training runs of step 2
 mkdir -p "$OUT"
 export PYTHONPATH=.
 export PYTHONUNBUFFERED=1
@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED=1
   if [[ -n "${QUICK:-}" ]]; then
     QUICK=1 OUT="$OUT/bench" timeout 900 bash benchmarks/gpu_check.sh
   else
-    OUT="$OUT/bench" timeout 265 bash benchmarks/gpu_check.sh
+    OUT="$OUT/bench" timeout 200 bash benchmarks/gpu_check.sh
   fi
   tar -czf "$OUT/bench.tgz" -C "$OUT/bench" . && rm -rf "$OUT/bench"
 
@@ -55,6 +55,7 @@ export PYTHONUNBUFFERED=1
   echo "phase 2 took $(( $(date +%s) - start )) s"
   tar -czf "$OUT/comparison.tgz" docs/comparison/runs 2>/dev/null
   tar -czf "$OUT/vit.tgz" docs/transformers/runs/gpu 2>/dev/null
+  tar -czf "$OUT/logs.tgz" results/logs results/transformers-gpu-logs 2>/dev/null
   date -u
 } 2>&1 | tee "$OUT/session.log"
 ls -la "$OUT"
