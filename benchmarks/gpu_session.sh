@@ -47,7 +47,7 @@ export PYTHONUNBUFFERED=1
     EPOCHS=1 TRAIN_SUBSET=300 TEST_SUBSET=64 SEEDS=1x OUT=results/vit_dry \
       timeout "$PHASE2" bash docs/transformers/gpu_run.sh &
   else
-    TOTAL=$PHASE2 MEM_FRACTION=0.02 PY=python3 \
+    TOTAL=$PHASE2 PY=python3 \
       bash docs/comparison/gpu.sh gpu_data &
     timeout -k 5 "$PHASE2" bash docs/transformers/gpu_run.sh &
   fi
