@@ -36,8 +36,9 @@ PAGE = DOCS / 'comparison.md'
 RUNS = HERE / 'runs'
 FIGURE = DOCS / '_static' / 'comparison' / 'accuracy_vs_budget.png'
 
-_GPU = ('to be run on the GPU machine (docs/comparison/gpu.sh); not run '
-        'on the 2-core CPU')
+_GPU = ('not run: needs a GPU (docs/comparison/gpu.sh, or '
+        'benchmarks/gpu_session.sh with the ViT runs); the 2-core CPU cannot '
+        'run it, and the GPU loan asked for on 2026-12-04 was refused')
 
 
 @dataclasses.dataclass(frozen=True)
